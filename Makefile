@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both set up the environment first.
+SHELL := /bin/bash
+VENV := .venv/bin
+export PATH := $(CURDIR)/$(VENV):$(PATH)
+CORES ?= 2
+
+.PHONY: demo test setup lint format dag clean
+
+demo: setup  ## run the pipeline on the built-in synthetic demo
+	snakemake --cores $(CORES)
+
+test: setup  ## run the test suite
+	python -m pytest
+
+setup:  ## create or reuse the cached environment and link it at .venv
+	@bash tools/setup-env.sh
+
+lint: setup  ## what CI checks besides the tests
+	ruff check cellflow tests benchmarks workflow/scripts
+	snakefmt --check Snakefile workflow/rules
+	snakemake --lint
+
+format: setup
+	ruff check --fix cellflow tests benchmarks workflow/scripts
+	snakefmt Snakefile workflow/rules
+
+dag: setup  ## redraw the rule graph in the README (needs graphviz's dot)
+	snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
+
+clean:  ## remove outputs of the pipeline (not the environment)
+	rm -rf results logs .snakemake

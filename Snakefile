@@ -1,0 +1,27 @@
+# Cellflow: temporal generative augmentation of pathology images.
+# This file is the table of contents of the workflow; the rules live in workflow/rules/.
+
+
+from snakemake.utils import min_version
+
+min_version("9.19")
+
+
+# The demo config is the default only: Snakemake would otherwise merge it into a
+# --configfile given on the command line, adding the demo dataset to every run.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

@@ -1,0 +1,199 @@
+"""Load and check a pipeline configuration; the same checks run inside Snakemake and without it.
+
+The JSON schema in ``workflow/schemas/config.schema.yaml`` is the single description of the
+configuration: it gives types, defaults and closed key sets. This module adds what a schema
+cannot say (a transition must name classes of its own dataset) and turns validation errors into
+messages that name the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_fraction: float
+    test_fraction: float
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    images_per_class: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    on_corrupt: Literal["exclude", "error"]
+    on_small: Literal["upscale", "error"]
+    on_duplicate: Literal["drop", "error"]
+    contact_sheet_images: int
+
+
+@dataclass(frozen=True)
+class Transition:
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    name: str
+    kind: Literal["synthetic", "folder"]
+    resolution: int
+    classes: tuple[str, ...]
+    transitions: tuple[Transition, ...]
+    split: SplitConfig
+    synthetic: SyntheticConfig
+    root: Path | None = None
+
+    @classmethod
+    def from_dict(cls, name: str, raw: Mapping[str, Any]) -> DatasetConfig:
+        """Build from one validated ``datasets.<name>`` entry."""
+        return cls(
+            name=name,
+            kind=raw["kind"],
+            resolution=raw["resolution"],
+            classes=tuple(raw["classes"]),
+            transitions=tuple(Transition(**pair) for pair in raw["transitions"]),
+            split=SplitConfig(**raw["split"]),
+            synthetic=SyntheticConfig(**raw["synthetic"]),
+            root=Path(raw["root"]) if raw.get("root") else None,
+        )
+
+
+def load_schema() -> dict[str, Any]:
+    if not SCHEMA_PATH.is_file():
+        raise FileNotFoundError(
+            f"config schema not found at {SCHEMA_PATH}; cellflow must run from its repository "
+            "(pip install -e .) so that workflow/schemas/ is beside the package"
+        )
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file, validate it and return it with defaults filled in."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return validate_config(raw if raw is not None else {}, source=str(path))
+
+
+def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+    """Return a validated copy of ``config`` with schema defaults filled in.
+
+    Raises ConfigError listing every problem, each as ``<source>: <dotted.key>: <why>``.
+    """
+    config = copy.deepcopy(dict(config))
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    problems = [_describe(error) for error in validator.iter_errors(config)]
+    if not problems:
+        _fill_defaults(config, schema, schema)
+        problems = list(_semantic_problems(config))
+    if problems:
+        lines = "\n".join(f"  {source}: {problem}" for problem in sorted(set(problems)))
+        raise ConfigError(f"invalid configuration in {source}:\n{lines}")
+    return config
+
+
+def dataset_configs(config: Mapping[str, Any]) -> dict[str, DatasetConfig]:
+    """The datasets a run covers: all of them, or those named by ``only_datasets``."""
+    selected = config.get("only_datasets") or list(config["datasets"])
+    return {name: DatasetConfig.from_dict(name, config["datasets"][name]) for name in selected}
+
+
+def prepare_config(config: Mapping[str, Any]) -> PrepareConfig:
+    return PrepareConfig(**config["prepare"])
+
+
+def _dotted(path: Iterator[Any] | Any) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
+    return "".join(parts).lstrip(".") or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = _dotted(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        described = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+            prefix = "" if where == "(top level)" else f"{where}."
+            described.append(f"{prefix}{key}: unknown key{hint}")
+        return "; ".join(described)
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    return f"{where}: {error.message}"
+
+
+def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/"):
+            raise ValueError(f"only local $ref are supported in the config schema, got {ref}")
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> None:
+    """Insert schema defaults into ``instance`` in place, recursing through objects."""
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict):
+        return
+    for key, subschema in schema.get("properties", {}).items():
+        subschema = _resolve(subschema, root)
+        if key not in instance and "default" in subschema:
+            instance[key] = copy.deepcopy(subschema["default"])
+        if key in instance:
+            _fill_defaults(instance[key], subschema, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key, value in instance.items():
+            if key not in schema.get("properties", {}):
+                _fill_defaults(value, extra, root)
+
+
+def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
+    datasets = config["datasets"]
+    for name in config["only_datasets"]:
+        if name not in datasets:
+            yield f"only_datasets: unknown dataset '{name}' (configured: {', '.join(datasets)})"
+    for name, dataset in datasets.items():
+        classes = dataset["classes"]
+        for index, transition in enumerate(dataset["transitions"]):
+            for end in ("source", "target"):
+                if transition[end] not in classes:
+                    yield (
+                        f"datasets.{name}.transitions[{index}].{end}: unknown class "
+                        f"'{transition[end]}' (classes: {', '.join(classes)})"
+                    )
+            if transition["source"] == transition["target"]:
+                yield f"datasets.{name}.transitions[{index}]: source and target are the same class"
+        split = dataset["split"]
+        if split["val_fraction"] + split["test_fraction"] >= 0.9:
+            yield f"datasets.{name}.split: val_fraction + test_fraction leaves under 10% to train"

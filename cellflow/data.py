@@ -1,0 +1,414 @@
+"""Data preparation: read a raw dataset, check every image, resize, split, and write a manifest.
+
+Every later stage reads only ``results/{dataset}/data/manifest.tsv`` and the images it lists, so
+all the ways raw data goes wrong are dealt with here, once, with messages that name the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig
+from cellflow.io import replace_dir, save_png, write_table
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ["id", "path", "label", "label_name", "split", "source_path", "note"]
+GROUND_TRUTH_COLUMNS = ["progression", "nuclei_count", "nuclear_area_fraction", "mask_path"]
+
+
+class DataError(ValueError):
+    """Raw data that cannot be prepared; the message names the dataset and the file or class."""
+
+
+@dataclass(frozen=True)
+class RawImage:
+    source_path: Path
+    relative_path: str  # to the dataset root, '/'-separated: the stable identity of the image
+    label_name: str
+    official_split: str | None
+
+
+@dataclass(frozen=True)
+class Discovery:
+    root: Path
+    images: list[RawImage]
+    has_official_split: bool
+    ignored_files: list[Path]
+
+
+def discover_class_folders(root: Path, classes: Sequence[str], dataset: str) -> Discovery:
+    """List the images of ``root/<class>/`` or, with an official split, ``root/<split>/<class>/``.
+
+    Files with other extensions are ignored (and reported); folders that are not a configured
+    class are ignored with a warning, so a config may select a subset of a dataset's classes.
+    """
+    if not root.is_dir():
+        raise DataError(f"dataset '{dataset}': data root {root} does not exist or is not a folder")
+    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_folders = [name for name in subfolders if name in SPLITS]
+    has_official_split = bool(split_folders) and "train" in split_folders
+    if has_official_split:
+        layouts = [(root / split, split) for split in split_folders]
+    else:
+        layouts = [(root, None)]
+
+    images: list[RawImage] = []
+    ignored: list[Path] = []
+    for base, split in layouts:
+        present = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        for unknown in sorted(present - set(classes)):
+            log.warning("dataset '%s': folder %s is not a configured class; ignored",
+                        dataset, base / unknown)
+        missing = [name for name in classes if name not in present]
+        if missing and split != "val":
+            raise DataError(
+                f"dataset '{dataset}': no folder for class(es) {', '.join(missing)} in {base} "
+                f"(expected {base}/<class>/ for each of: {', '.join(classes)})"
+            )
+        for class_name in classes:
+            for path in sorted((base / class_name).rglob("*")) if class_name in present else []:
+                if not path.is_file() or path.name.startswith("."):
+                    continue
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(path)
+                    continue
+                images.append(
+                    RawImage(path, path.relative_to(root).as_posix(), class_name, split)
+                )
+    for path in ignored:
+        log.warning("dataset '%s': %s has no image extension (%s); ignored",
+                    dataset, path, ", ".join(sorted(IMAGE_EXTENSIONS)))
+    return Discovery(root, images, has_official_split, ignored)
+
+
+def image_id(relative_path: str) -> str:
+    """A file-name-safe id that is stable as long as the raw file keeps its path."""
+    stem = relative_path.rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem.replace("/", "__"))
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+    """Convert any PIL mode to RGB; transparent pixels become white (slide background).
+
+    Returns the image and a note saying what was converted ('' if it already was RGB).
+    """
+    if image.mode == "RGB":
+        return image, ""
+    note = f"converted from {image.mode}"
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB"), note
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(array / max(array.max(), 1.0) * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled).convert("RGB"), note
+    return image.convert("RGB"), note
+
+
+def center_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the short side to ``resolution`` and take the centre square.
+
+    Same recipe as guided-diffusion's ``center_crop_arr``: halve with a box filter while the
+    short side is at least twice the target (fast and alias-free), then bicubic to size.
+    """
+    while min(image.size) >= 2 * resolution:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = resolution / min(image.size)
+    image = image.resize(
+        tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC
+    )
+    left = (image.size[0] - resolution) // 2
+    top = (image.size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+@dataclass(frozen=True)
+class ProcessedImage:
+    raw: RawImage
+    id: str
+    path: str | None  # relative to the output folder; None when unreadable
+    pixel_hash: str | None
+    note: str
+    error: str | None = None
+
+
+def _process_one(raw: RawImage, resolution: int, on_small: str, staging: Path) -> ProcessedImage:
+    identifier = image_id(raw.relative_path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(raw.source_path) as opened:
+                opened.load()
+                image, note = to_rgb(opened)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+        return ProcessedImage(raw, identifier, None, None, "", error=f"unreadable: {err}")
+    if note:
+        log.warning("%s: %s to RGB", raw.source_path, note)
+    if min(image.size) < resolution:
+        message = f"{image.size[0]}x{image.size[1]} is smaller than the resolution {resolution}"
+        if on_small == "error":
+            raise DataError(f"{raw.source_path}: {message} (set prepare.on_small: upscale to allow)")
+        note = "; ".join(filter(None, [note, f"upscaled from {image.size[0]}x{image.size[1]}"]))
+    pixel_hash = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
+    relative = f"images/{raw.label_name}/{identifier}.png"
+    save_png(staging / relative, center_crop_resize(image, resolution))
+    return ProcessedImage(raw, identifier, relative, pixel_hash, note)
+
+
+def stratified_split(
+    labels: Sequence[str],
+    split: SplitConfig,
+    seed: int,
+    fixed: Sequence[str | None] | None = None,
+) -> list[str]:
+    """Assign train/val/test per class with exact per-class proportions.
+
+    Entries of ``fixed`` that are not None keep their (official) split; when an official split
+    exists, only a validation set is carved out of its training images.
+    """
+    rng = np.random.default_rng(seed)
+    fixed = list(fixed) if fixed is not None else [None] * len(labels)
+    assigned: list[str | None] = list(fixed)
+    official = any(value is not None for value in fixed)
+    for class_name in sorted(set(labels)):
+        if official:
+            pool = [i for i, (lab, f) in enumerate(zip(labels, fixed)) if lab == class_name
+                    and f == "train"]
+            has_val = any(f == "val" for f in fixed)
+            n_test, n_val = 0, 0 if has_val else max(1, round(len(pool) * split.val_fraction))
+        else:
+            pool = [i for i, lab in enumerate(labels) if lab == class_name]
+            n_test = max(1, round(len(pool) * split.test_fraction))
+            n_val = max(1, round(len(pool) * split.val_fraction))
+        if len(pool) - n_test - n_val < 1:
+            raise DataError(
+                f"class '{class_name}' has {len(pool)} image(s) to split; at least "
+                f"{n_test + n_val + 1} are needed for train/val/test"
+            )
+        order = rng.permutation(len(pool))
+        for rank, position in enumerate(order):
+            index = pool[position]
+            if rank < n_test:
+                assigned[index] = "test"
+            elif rank < n_test + n_val:
+                assigned[index] = "val"
+            else:
+                assigned[index] = "train"
+    return [value if value is not None else "train" for value in assigned]
+
+
+def contact_sheet(paths: Sequence[Path], title: str, tile: int) -> Image.Image:
+    """A grid of thumbnails under a title line, for looking at a class at a glance."""
+    columns = max(1, math.ceil(math.sqrt(len(paths))))
+    rows = max(1, math.ceil(len(paths) / columns))
+    header = max(18, tile // 5)
+    sheet = Image.new("RGB", (columns * tile, rows * tile + header), "white")
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            thumb = image.convert("RGB").resize((tile, tile), Image.NEAREST)
+        sheet.paste(thumb, ((index % columns) * tile, header + (index // columns) * tile))
+    font = ImageFont.load_default(size=max(10, header - 6))
+    ImageDraw.Draw(sheet).text((4, 2), title, fill="black", font=font)
+    return sheet
+
+
+def _dedupe(processed: list[ProcessedImage], on_duplicate: str, dataset: str
+            ) -> tuple[list[ProcessedImage], list[tuple[ProcessedImage, str]]]:
+    """Keep one image per pixel hash, preferring the official test split, then path order."""
+    priority = {"test": 0, "val": 1, "train": 2, None: 3}
+    groups: dict[str, list[ProcessedImage]] = {}
+    for item in processed:
+        groups.setdefault(item.pixel_hash, []).append(item)
+    kept: list[ProcessedImage] = []
+    dropped: list[tuple[ProcessedImage, str]] = []
+    for group in groups.values():
+        group.sort(key=lambda it: (priority[it.raw.official_split], it.raw.relative_path))
+        kept.append(group[0])
+        for duplicate in group[1:]:
+            message = (f"duplicate of {group[0].raw.source_path}"
+                       f" (class {group[0].raw.label_name})")
+            if on_duplicate == "error":
+                raise DataError(f"dataset '{dataset}': {duplicate.raw.source_path} is a {message}"
+                                " (set prepare.on_duplicate: drop to keep one copy)")
+            log.warning("%s: %s; dropped", duplicate.raw.source_path, message)
+            dropped.append((duplicate, message))
+    kept.sort(key=lambda it: it.raw.relative_path)
+    return kept, dropped
+
+
+def prepare_dataset(
+    dataset: DatasetConfig,
+    prepare: PrepareConfig,
+    raw_root: Path,
+    out_dir: Path,
+    seed: int,
+    threads: int = 1,
+    ground_truth: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """Prepare one dataset into ``out_dir`` and return its manifest.
+
+    Writes ``manifest.tsv``, ``class_counts.tsv``, ``excluded.tsv``, ``images/`` and
+    ``contact_sheets/`` (and ``masks/`` when ``ground_truth`` is given). Everything is built in
+    a staging folder and moved into place at the end, so a failed run leaves the previous
+    preparation untouched.
+    """
+    discovery = discover_class_folders(raw_root, dataset.classes, dataset.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=".staging-"))
+    try:
+        manifest = _prepare_into(dataset, prepare, discovery, staging, seed, threads, ground_truth)
+        for entry in sorted(staging.iterdir()):
+            replace_dir(entry, out_dir / entry.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Discovery,
+                  staging: Path, seed: int, threads: int,
+                  ground_truth: pd.DataFrame | None) -> pd.DataFrame:
+    name = dataset.name
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        jobs = pool.map(lambda raw: _process_one(raw, dataset.resolution, prepare.on_small,
+                                                 staging), discovery.images)
+        processed = list(tqdm(jobs, total=len(discovery.images), desc=f"prepare {name}",
+                              unit="img", mininterval=2.0))
+
+    unreadable = [item for item in processed if item.error]
+    if unreadable and prepare.on_corrupt == "error":
+        listing = "\n".join(f"  {item.raw.source_path}: {item.error}" for item in unreadable)
+        raise DataError(f"dataset '{name}': {len(unreadable)} unreadable image(s) "
+                        f"(set prepare.on_corrupt: exclude to skip them):\n{listing}")
+    for item in unreadable:
+        log.warning("%s: %s; excluded", item.raw.source_path, item.error)
+    readable = [item for item in processed if not item.error]
+    ids = pd.Series([item.id for item in readable])
+    if ids.duplicated().any():
+        clash = ", ".join(sorted(set(ids[ids.duplicated()])))
+        raise DataError(f"dataset '{name}': several files map to the same image id ({clash}); "
+                        "rename files that differ only in extension")
+    kept, duplicates = _dedupe(readable, prepare.on_duplicate, name)
+    for item, _ in duplicates:
+        (staging / item.path).unlink()
+
+    counts = pd.Series([item.raw.label_name for item in kept]).value_counts()
+    empty = [c for c in dataset.classes if counts.get(c, 0) == 0]
+    if empty:
+        raise DataError(f"dataset '{name}': class(es) {', '.join(empty)} have no readable image "
+                        f"under {discovery.root}")
+
+    splits = stratified_split(
+        [item.raw.label_name for item in kept], dataset.split, seed,
+        [item.raw.official_split for item in kept] if discovery.has_official_split else None,
+    )
+    label_of = {class_name: index for index, class_name in enumerate(dataset.classes)}
+    manifest = pd.DataFrame({
+        "id": [item.id for item in kept],
+        "path": [item.path for item in kept],
+        "label": [label_of[item.raw.label_name] for item in kept],
+        "label_name": [item.raw.label_name for item in kept],
+        "split": splits,
+        "source_path": [str(item.raw.source_path.resolve()) for item in kept],
+        "note": [item.note for item in kept],
+    })[MANIFEST_COLUMNS]
+    if ground_truth is not None:
+        manifest = _attach_ground_truth(manifest, kept, ground_truth, staging, dataset)
+
+    excluded = pd.DataFrame(
+        [(str(item.raw.source_path), item.error) for item in unreadable]
+        + [(str(item.raw.source_path), why) for item, why in duplicates]
+        + [(str(path), "not an image file") for path in discovery.ignored_files],
+        columns=["source_path", "reason"],
+    )
+    write_table(staging / "manifest.tsv", manifest)
+    write_table(staging / "class_counts.tsv", class_counts(manifest, dataset.classes))
+    write_table(staging / "excluded.tsv", excluded)
+    _write_contact_sheets(manifest, staging, dataset, prepare.contact_sheet_images)
+    log.info("dataset '%s': %d images prepared, %d excluded", name, len(manifest), len(excluded))
+    return manifest
+
+
+def _attach_ground_truth(manifest: pd.DataFrame, kept: list[ProcessedImage],
+                         ground_truth: pd.DataFrame, staging: Path,
+                         dataset: DatasetConfig) -> pd.DataFrame:
+    """Carry generator ground truth through the resize: masks get the same geometry.
+
+    ``ground_truth`` is indexed by the image path relative to the raw root, and its
+    ``mask_path`` column holds paths that can be opened as they are.
+    """
+    rows = ground_truth.set_index("source_path").loc[[item.raw.relative_path for item in kept]]
+    mask_paths, fractions = [], []
+    for item, mask_path in zip(kept, rows["mask_path"]):
+        with Image.open(mask_path) as mask:
+            resized = _resize_mask(np.asarray(mask), dataset.resolution)
+        relative = f"masks/{item.id}.png"
+        save_png(staging / relative, Image.fromarray(resized))
+        mask_paths.append(relative)
+        fractions.append(float((resized > 0).mean()))
+    manifest = manifest.copy()
+    manifest["progression"] = rows["progression"].to_numpy()
+    manifest["nuclei_count"] = rows["nuclei_count"].to_numpy()
+    manifest["nuclear_area_fraction"] = fractions
+    manifest["mask_path"] = mask_paths
+    return manifest
+
+
+def _resize_mask(mask: np.ndarray, resolution: int) -> np.ndarray:
+    image = Image.fromarray(mask.astype(np.uint16))
+    scale = resolution / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), Image.NEAREST)
+    left = (image.size[0] - resolution) // 2
+    top = (image.size[1] - resolution) // 2
+    return np.asarray(image.crop((left, top, left + resolution, top + resolution)), np.uint16)
+
+
+def class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """Images per class and split, with totals; every class and split appears, even at 0."""
+    table = (manifest.groupby(["label_name", "split"]).size().unstack(fill_value=0)
+             .reindex(index=list(classes), columns=list(SPLITS), fill_value=0))
+    table["total"] = table.sum(axis=1)
+    table.loc["total"] = table.sum(axis=0)
+    return table.rename_axis("class").reset_index()
+
+
+def _write_contact_sheets(manifest: pd.DataFrame, staging: Path, dataset: DatasetConfig,
+                          per_class: int) -> None:
+    tile = max(dataset.resolution, 64)
+    for class_name in dataset.classes:
+        rows = manifest[manifest["label_name"] == class_name].head(per_class)
+        title = f"{dataset.name} / {class_name}: {len(rows)} of " \
+                f"{(manifest['label_name'] == class_name).sum()} images"
+        sheet = contact_sheet([staging / p for p in rows["path"]], title, tile)
+        save_png(staging / "contact_sheets" / f"{class_name}.png", sheet)
+
+
+def read_ground_truth(path: str | Path) -> pd.DataFrame:
+    """Read a generator's ``ground_truth.tsv`` with mask paths made openable from anywhere."""
+    path = Path(path)
+    table = pd.read_csv(path, sep="\t")
+    missing = [c for c in ["source_path", *GROUND_TRUTH_COLUMNS] if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}")
+    table["mask_path"] = [str(path.parent / mask) for mask in table["mask_path"]]
+    return table

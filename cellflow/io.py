@@ -1,0 +1,60 @@
+"""Atomic file output: a killed job leaves either the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _write_with(path: str | Path, write: Callable[[Path], None]) -> None:
+    with atomic_path(path) as temporary:
+        write(temporary)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    _write_with(path, lambda tmp: tmp.write_text(text))
+
+
+def write_table(path: str | Path, table: pd.DataFrame) -> None:
+    """Write a tab-separated table without the index."""
+    _write_with(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+
+
+def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    _write_with(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def replace_dir(staged: Path, final: Path) -> None:
+    """Put a fully written directory in place of ``final``, removing what was there."""
+    if final.exists():
+        retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, retired)
+        os.replace(staged, final)
+        shutil.rmtree(retired)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, final)

@@ -1,0 +1,34 @@
+"""Shared fixtures: small class-folder datasets made on the fly, never downloaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_rgb(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def make_folder_dataset(tmp_path: Path) -> Callable[..., Path]:
+    """Write root/<class>/<class>_<i>.png with distinct random images; returns the root."""
+
+    def make(counts: dict[str, int], size: int = 48, seed: int = 0, root: Path | None = None
+             ) -> Path:
+        root = root or tmp_path / "raw"
+        rng = np.random.default_rng(seed)
+        for class_name, count in counts.items():
+            (root / class_name).mkdir(parents=True, exist_ok=True)
+            for index in range(count):
+                Image.fromarray(random_rgb(rng, size)).save(
+                    root / class_name / f"{class_name}_{index:03d}.png")
+        return root
+
+    return make

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cellflow.config import ConfigError, dataset_configs, load_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "config" / "config.yaml"
+
+
+def demo() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+def test_shipped_configs_are_valid(name):
+    config = load_config(REPO / "config" / name)
+    for dataset in dataset_configs(config).values():
+        assert len(dataset.classes) >= 2
+        assert all(t.source in dataset.classes and t.target in dataset.classes
+                   for t in dataset.transitions)
+
+
+def test_defaults_are_filled_in():
+    raw = demo()
+    del raw["prepare"]
+    del raw["datasets"]["synthetic"]["split"]
+    config = validate_config(raw)
+    assert config["prepare"]["on_corrupt"] == "exclude"
+    assert config["datasets"]["synthetic"]["split"] == {"val_fraction": 0.15,
+                                                        "test_fraction": 0.15}
+    assert config["only_datasets"] == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c.update(seeed=1), "seeed: unknown key (did you mean 'seed'?)"),
+        (lambda c: c["datasets"]["synthetic"].update(resolutoin=64),
+         "datasets.synthetic.resolutoin: unknown key (did you mean 'resolution'?)"),
+        (lambda c: c["prepare"].update(on_corrupt="ignore"), "prepare.on_corrupt"),
+        (lambda c: c["datasets"]["synthetic"].update(resolution="64"),
+         "datasets.synthetic.resolution: '64' is not of type 'integer'"),
+        (lambda c: c["datasets"]["synthetic"]["transitions"].append(
+            {"source": "normal", "target": "tumour"}),
+         "datasets.synthetic.transitions[2].target: unknown class 'tumour'"),
+        (lambda c: c["datasets"]["synthetic"].update(classes=["normal"]),
+         "datasets.synthetic.classes"),
+        (lambda c: c["datasets"]["synthetic"].update(kind="folder"),
+         "datasets.synthetic: 'root' is a required property"),
+        (lambda c: c.update(only_datasets=["mhist"]), "only_datasets: unknown dataset 'mhist'"),
+        (lambda c: c["datasets"].update({"bad/name": c["datasets"]["synthetic"]}), "bad/name"),
+    ],
+)
+def test_errors_name_the_file_and_the_key(edit, expected):
+    config = demo()
+    edit(config)
+    with pytest.raises(ConfigError) as caught:
+        validate_config(config, source="config/mine.yaml")
+    assert "config/mine.yaml" in str(caught.value)
+    assert expected in str(caught.value)
+
+
+def test_load_config_names_a_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("datasets: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+
+
+def test_only_datasets_selects_a_subset():
+    config = demo()
+    config["datasets"]["second"] = dict(config["datasets"]["synthetic"])
+    config["only_datasets"] = ["second"]
+    assert list(dataset_configs(validate_config(config))) == ["second"]
+
+
+def test_environment_yaml_mirrors_pyproject():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    environment = yaml.safe_load((REPO / "environment.yaml").read_text())
+    pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
+    assert pip_section == wanted

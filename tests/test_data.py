@@ -1,0 +1,176 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cellflow.config import PrepareConfig, SplitConfig, SyntheticConfig, DatasetConfig
+from cellflow.data import (
+    DataError,
+    center_crop_resize,
+    discover_class_folders,
+    prepare_dataset,
+    stratified_split,
+)
+
+PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="drop",
+                        contact_sheet_images=8)
+
+
+def dataset(classes=("a", "b"), resolution=32, root=None) -> DatasetConfig:
+    return DatasetConfig(
+        name="toy", kind="folder", resolution=resolution, classes=tuple(classes),
+        transitions=(), split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
+        synthetic=SyntheticConfig(images_per_class=4, image_size=64), root=root,
+    )
+
+
+def prepare(root, out, config=None, prepare_config=PREPARE, seed=0):
+    return prepare_dataset(config or dataset(root=root), prepare_config, root, out, seed=seed,
+                           threads=2)
+
+
+def test_prepares_images_manifest_counts_and_sheets(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 10, "b": 15}, size=48)
+    out = tmp_path / "out"
+    manifest = prepare(root, out)
+    assert len(manifest) == 25
+    on_disk = pd.read_csv(out / "manifest.tsv", sep="\t", keep_default_na=False)
+    assert list(on_disk.columns[:7]) == ["id", "path", "label", "label_name", "split",
+                                        "source_path", "note"]
+    assert on_disk["id"].is_unique
+    assert set(on_disk["label"]) == {0, 1}
+    assert (on_disk["label"] == on_disk["label_name"].map({"a": 0, "b": 1})).all()
+    for path in on_disk["path"]:
+        with Image.open(out / path) as image:
+            assert image.size == (32, 32) and image.mode == "RGB"
+    counts = pd.read_csv(out / "class_counts.tsv", sep="\t").set_index("class")
+    assert counts.loc["a", "total"] == 10 and counts.loc["total", "total"] == 25
+    assert counts.loc["b", ["train", "val", "test"]].sum() == 15
+    assert (out / "contact_sheets" / "a.png").is_file()
+    assert not list(out.glob(".staging-*"))
+
+
+def test_split_is_stratified_seeded_and_leak_free():
+    labels = ["a"] * 100 + ["b"] * 40
+    split = SplitConfig(val_fraction=0.15, test_fraction=0.2)
+    first = stratified_split(labels, split, seed=3)
+    assert first == stratified_split(labels, split, seed=3)
+    assert first != stratified_split(labels, split, seed=4)
+    table = pd.crosstab(pd.Series(labels, name="c"), pd.Series(first, name="s"))
+    assert table.loc["a", "test"] == 20 and table.loc["a", "val"] == 15
+    assert table.loc["b", "test"] == 8 and table.loc["b", "val"] == 6
+    assert table.loc["a", "train"] == 65 and table.loc["b", "train"] == 26
+
+
+def test_too_few_images_in_a_class_is_an_error():
+    with pytest.raises(DataError, match="class 'b' has 2 image"):
+        stratified_split(["a"] * 10 + ["b"] * 2, SplitConfig(0.2, 0.2), seed=0)
+
+
+def test_official_split_is_kept_and_val_carved_from_train(make_folder_dataset, tmp_path):
+    root = tmp_path / "official"
+    make_folder_dataset({"a": 12, "b": 12}, root=root / "train", seed=1)
+    make_folder_dataset({"a": 5, "b": 4}, root=root / "test", seed=2)
+    manifest = prepare(root, tmp_path / "out")
+    from_test = manifest["source_path"].str.contains("/test/")
+    assert (manifest.loc[from_test, "split"] == "test").all()
+    assert set(manifest.loc[~from_test, "split"]) == {"train", "val"}
+    assert (manifest.loc[~from_test, "split"] == "val").sum() == 2 * round(12 * 0.2)
+
+
+def test_bad_files_are_reported_converted_or_excluded(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 8, "b": 8}, size=48)
+    (root / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    Image.fromarray(np.full((48, 48), 128, np.uint8), "L").save(root / "b" / "gray.png")
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:24, :, 3] = 255  # lower half transparent: should come out white
+    Image.fromarray(rgba, "RGBA").save(root / "b" / "alpha.png")
+    (root / "b" / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    manifest = prepare(root, out).set_index("id")
+
+    excluded = pd.read_csv(out / "excluded.tsv", sep="\t")
+    reasons = dict(zip(excluded["source_path"].map(lambda p: Path(p).name), excluded["reason"]))
+    assert reasons["broken.png"].startswith("unreadable")
+    assert reasons["empty.jpg"].startswith("unreadable")
+    assert reasons["notes.txt"] == "not an image file"
+    assert manifest.loc["b__gray", "note"] == "converted from L"
+    with Image.open(out / manifest.loc["b__alpha", "path"]) as image:
+        pixels = np.asarray(image)
+    assert pixels.shape == (32, 32, 3)
+    assert (pixels[-1, :, :] == 255).all(), "transparent pixels become white"
+    assert pixels[0, :, 0].min() > 190 and pixels[0, :, 1].max() < 10
+
+
+def test_corrupt_file_stops_the_run_when_asked(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 6, "b": 6})
+    (root / "a" / "broken.png").write_bytes(b"garbage")
+    strict = PrepareConfig("error", "upscale", "drop", 8)
+    with pytest.raises(DataError, match=r"broken\.png: unreadable"):
+        prepare(root, tmp_path / "out", prepare_config=strict)
+    assert not (tmp_path / "out" / "manifest.tsv").exists()
+
+
+def test_small_images_upscaled_or_refused(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 6, "b": 6}, size=20)
+    manifest = prepare(root, tmp_path / "out")
+    assert manifest["note"].str.contains("upscaled from 20x20").all()
+    refuse = PrepareConfig("exclude", "error", "drop", 8)
+    with pytest.raises(DataError, match=r"a_000\.png: 20x20 is smaller than the resolution 32"):
+        prepare(root, tmp_path / "out2", prepare_config=refuse)
+
+
+def test_duplicates_never_cross_splits(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 10, "b": 10})
+    for copy in range(3):
+        (root / "b" / f"copy_{copy}.png").write_bytes((root / "a" / "a_000.png").read_bytes())
+    manifest = prepare(root, tmp_path / "out")
+    assert len(manifest) == 20
+    excluded = pd.read_csv(tmp_path / "out" / "excluded.tsv", sep="\t")
+    assert excluded["reason"].str.startswith("duplicate of").sum() == 3
+    strict = PrepareConfig("exclude", "upscale", "error", 8)
+    with pytest.raises(DataError, match="duplicate of"):
+        prepare(root, tmp_path / "out2", prepare_config=strict)
+
+
+def test_missing_root_empty_class_and_unknown_class(make_folder_dataset, tmp_path):
+    with pytest.raises(DataError, match="data root .*nowhere does not exist"):
+        discover_class_folders(tmp_path / "nowhere", ["a", "b"], "toy")
+    root = make_folder_dataset({"a": 6})
+    with pytest.raises(DataError, match=r"no folder for class\(es\) b"):
+        discover_class_folders(root, ["a", "b"], "toy")
+    (root / "b").mkdir()
+    (root / "b" / "readme.txt").write_text("x")
+    with pytest.raises(DataError, match=r"class\(es\) b have no readable image"):
+        prepare(root, tmp_path / "out")
+
+
+def test_extra_folder_is_ignored_with_a_warning(make_folder_dataset, tmp_path, caplog):
+    root = make_folder_dataset({"a": 6, "b": 6, "c": 6})
+    manifest = prepare(root, tmp_path / "out")
+    assert set(manifest["label_name"]) == {"a", "b"}
+    assert "is not a configured class" in caplog.text
+
+
+def test_failed_rerun_keeps_the_previous_preparation(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 6, "b": 6})
+    out = tmp_path / "out"
+    prepare(root, out)
+    before = (out / "manifest.tsv").read_bytes()
+    (root / "a" / "broken.png").write_bytes(b"garbage")
+    with pytest.raises(DataError):
+        prepare(root, out, prepare_config=PrepareConfig("error", "upscale", "drop", 8))
+    assert (out / "manifest.tsv").read_bytes() == before
+    assert len(list((out / "images").rglob("*.png"))) == 12
+
+
+def test_center_crop_resize_keeps_the_centre():
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 100:200] = 255  # the central square is white, the sides black
+    result = np.asarray(center_crop_resize(Image.fromarray(wide), 50))
+    assert result.shape == (50, 50, 3)
+    assert result[5:-5, 5:-5].min() > 240

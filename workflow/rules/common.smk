@@ -1,0 +1,87 @@
+# Config validation, wildcard constraints and the helpers that map wildcards to paths.
+
+import os
+import re
+
+from snakemake.logging import logger
+from snakemake.utils import validate
+
+from cellflow.config import dataset_configs, validate_config
+
+# Jobs import this checkout's package whatever environment runs them (venv, --sdm conda, a
+# cluster node), so code and workflow never come from two different versions.
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(
+        filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
+    )
+)
+
+config.update(validate_config(config, source=", ".join(map(str, workflow.configfiles))))
+
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+
+DATASETS = dataset_configs(config)
+SYNTHETIC_DATASETS = [name for name, ds in DATASETS.items() if ds.kind == "synthetic"]
+
+for _name, _dataset in DATASETS.items():
+    if _dataset.kind == "folder" and not _dataset.root.is_dir():
+        logger.warning(
+            f"dataset '{_name}': data root {_dataset.root} does not exist yet "
+            f"(datasets.{_name}.root); its jobs are planned but will fail until it is filled in"
+        )
+
+
+def choice(names):
+    """A wildcard regex matching exactly these names (never a path fragment)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+wildcard_constraints:
+    dataset=choice(DATASETS),
+
+
+def attempt_scaled(base):
+    """A resource that grows with each retry, so a job killed for memory or time gets more."""
+
+    def resource(wildcards, attempt):
+        return base * attempt
+
+    return resource
+
+
+def dataset_entry(wildcards):
+    """The validated config of one dataset, passed to the entry points as plain data."""
+    return config["datasets"][wildcards.dataset]
+
+
+def raw_root(wildcards):
+    """Where the raw class folders of a dataset are: generated, or the configured root."""
+    dataset = DATASETS[wildcards.dataset]
+    if dataset.kind == "synthetic":
+        return f"results/{wildcards.dataset}/raw/images"
+    return str(dataset.root)
+
+
+def prepare_inputs(wildcards):
+    """Raw inputs of the data stage; a missing folder root is left to the job to report."""
+    dataset = DATASETS[wildcards.dataset]
+    if dataset.kind == "synthetic":
+        return {
+            "images": f"results/{wildcards.dataset}/raw/images",
+            "ground_truth": f"results/{wildcards.dataset}/raw/ground_truth.tsv",
+        }
+    return {"root": str(dataset.root)} if dataset.root.is_dir() else {}
+
+
+def data_outputs(dataset):
+    return [
+        f"results/{dataset}/data/manifest.tsv",
+        f"results/{dataset}/data/class_counts.tsv",
+    ]
+
+
+def final_outputs():
+    """Everything `snakemake` builds by default, for the selected datasets."""
+    return [path for name in DATASETS for path in data_outputs(name)]

@@ -1,0 +1,22 @@
+"""Entry point of rule prepare_data: check, resize and split one dataset."""
+
+from pathlib import Path
+
+from cellflow.logs import log_to_file
+
+log_to_file(snakemake.log[0])  # noqa: F821 - injected by Snakemake
+
+from cellflow.config import DatasetConfig, PrepareConfig  # noqa: E402
+from cellflow.data import prepare_dataset, read_ground_truth  # noqa: E402
+
+smk = snakemake  # noqa: F821
+ground_truth = read_ground_truth(smk.input.ground_truth) if "ground_truth" in smk.input.keys() else None
+prepare_dataset(
+    dataset=DatasetConfig.from_dict(smk.wildcards.dataset, smk.params.dataset),
+    prepare=PrepareConfig(**smk.params.prepare),
+    raw_root=Path(smk.params.raw_root),
+    out_dir=Path(smk.output.manifest).parent,
+    seed=smk.params.seed,
+    threads=smk.threads,
+    ground_truth=ground_truth,
+)
