@@ -139,12 +139,11 @@ def _describe(error: jsonschema.ValidationError) -> str:
         described = []
         for key in unknown:
             close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(allowed)})"
+            hint = (f" (did you mean '{close[0]}'?)" if close
+                    else f" (allowed: {', '.join(allowed)})")
             prefix = "" if where == "(top level)" else f"{where}."
             described.append(f"{prefix}{key}: unknown key{hint}")
         return "; ".join(described)
-    if error.validator == "required":
-        return f"{where}: {error.message}"
     return f"{where}: {error.message}"
 
 

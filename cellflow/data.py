@@ -168,7 +168,8 @@ def _process_one(raw: RawImage, resolution: int, on_small: str, staging: Path) -
     if min(image.size) < resolution:
         message = f"{image.size[0]}x{image.size[1]} is smaller than the resolution {resolution}"
         if on_small == "error":
-            raise DataError(f"{raw.source_path}: {message} (set prepare.on_small: upscale to allow)")
+            raise DataError(
+                f"{raw.source_path}: {message} (set prepare.on_small: upscale to allow)")
         note = "; ".join(filter(None, [note, f"upscaled from {image.size[0]}x{image.size[1]}"]))
     pixel_hash = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
     relative = f"images/{raw.label_name}/{identifier}.png"
@@ -193,10 +194,11 @@ def stratified_split(
     official = any(value is not None for value in fixed)
     for class_name in sorted(set(labels)):
         if official:
-            pool = [i for i, (lab, f) in enumerate(zip(labels, fixed)) if lab == class_name
-                    and f == "train"]
-            has_val = any(f == "val" for f in fixed)
-            n_test, n_val = 0, 0 if has_val else max(1, round(len(pool) * split.val_fraction))
+            pool = [i for i, (label, given) in enumerate(zip(labels, fixed, strict=True))
+                    if label == class_name and given == "train"]
+            n_test = 0
+            has_official_val = "val" in fixed
+            n_val = 0 if has_official_val else max(1, round(len(pool) * split.val_fraction))
         else:
             pool = [i for i, lab in enumerate(labels) if lab == class_name]
             n_test = max(1, round(len(pool) * split.test_fraction))
@@ -359,7 +361,7 @@ def _attach_ground_truth(manifest: pd.DataFrame, kept: list[ProcessedImage],
     """
     rows = ground_truth.set_index("source_path").loc[[item.raw.relative_path for item in kept]]
     mask_paths, fractions = [], []
-    for item, mask_path in zip(kept, rows["mask_path"]):
+    for item, mask_path in zip(kept, rows["mask_path"], strict=True):
         with Image.open(mask_path) as mask:
             resized = _resize_mask(np.asarray(mask), dataset.resolution)
         relative = f"masks/{item.id}.png"

@@ -86,3 +86,14 @@ def test_environment_yaml_mirrors_pyproject():
     environment = yaml.safe_load((REPO / "environment.yaml").read_text())
     pip_section = next(d["pip"] for d in environment["dependencies"] if isinstance(d, dict))
     assert pip_section == wanted
+
+
+def test_check_config_command(tmp_path, capsys):
+    from cellflow.cli import main
+
+    assert main(["check-config", str(DEMO)]) == 0
+    assert "synthetic: synthetic, 3 classes, 32 px" in capsys.readouterr().out
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(DEMO.read_text().replace("resolution:", "resolutoin:"))
+    assert main(["check-config", str(typo)]) == 1
+    assert "datasets.synthetic.resolutoin: unknown key" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cellflow.config import PrepareConfig, SplitConfig, SyntheticConfig, DatasetConfig
+from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
 from cellflow.data import (
     DataError,
     center_crop_resize,
@@ -94,7 +94,8 @@ def test_bad_files_are_reported_converted_or_excluded(make_folder_dataset, tmp_p
     manifest = prepare(root, out).set_index("id")
 
     excluded = pd.read_csv(out / "excluded.tsv", sep="\t")
-    reasons = dict(zip(excluded["source_path"].map(lambda p: Path(p).name), excluded["reason"]))
+    names = excluded["source_path"].map(lambda p: Path(p).name)
+    reasons = dict(zip(names, excluded["reason"], strict=True))
     assert reasons["broken.png"].startswith("unreadable")
     assert reasons["empty.jpg"].startswith("unreadable")
     assert reasons["notes.txt"] == "not an image file"

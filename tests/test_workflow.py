@@ -1,9 +1,8 @@
-"""The Snakemake workflow itself: dry runs of both shipped configs, lint, and the demo data stage."""
+"""The Snakemake workflow itself: dry runs of both shipped configs, lint, the demo data stage."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,14 +76,16 @@ def test_every_rule_declares_log_benchmark_threads_and_resources():
         assert {"mem_mb", "runtime"} <= set(rule.resources), f"rule {rule.name} resources"
 
 
-@pytest.mark.skipif(shutil.which("snakefmt", path=str(BIN)) is None, reason="needs dev extras")
-def test_lint_and_format_are_clean(tmp_path):
+def test_lint_and_format_are_clean():
     result = snakemake(REPO, "--lint", check=False)
     assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, (
         result.stdout + result.stderr)
     fmt = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
                          cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stderr
+    ruff = subprocess.run([str(BIN / "ruff"), "check", "cellflow", "tests", "benchmarks",
+                           "workflow/scripts"], cwd=REPO, capture_output=True, text=True)
+    assert ruff.returncode == 0, ruff.stdout
 
 
 @pytest.mark.slow
@@ -107,3 +108,14 @@ def test_demo_data_stage_end_to_end(tmp_path):
     # a second run has nothing to do
     again = snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_readme_rule_graph_shows_every_rule(tmp_path):
+    result = snakemake(tmp_path, "--rulegraph", "mermaid-js", "--configfile",
+                       str(REPO / "config" / "config.yaml"))
+    rules = {line.split("[", 1)[1].rstrip("]") for line in result.stdout.splitlines()
+             if line.strip().startswith("id") and "[" in line}
+    readme = (REPO / "README.md").read_text()
+    graph = readme.split("```mermaid", 1)[1].split("```", 1)[0]
+    missing = sorted(rule for rule in rules if rule not in graph)
+    assert not missing, f"README rule graph lacks {missing}"

@@ -10,7 +10,8 @@ from cellflow.config import DatasetConfig, PrepareConfig  # noqa: E402
 from cellflow.data import prepare_dataset, read_ground_truth  # noqa: E402
 
 smk = snakemake  # noqa: F821
-ground_truth = read_ground_truth(smk.input.ground_truth) if "ground_truth" in smk.input.keys() else None
+truth_file = getattr(smk.input, "ground_truth", None)  # synthetic datasets only
+ground_truth = read_ground_truth(truth_file) if truth_file else None
 prepare_dataset(
     dataset=DatasetConfig.from_dict(smk.wildcards.dataset, smk.params.dataset),
     prepare=PrepareConfig(**smk.params.prepare),
