@@ -49,7 +49,7 @@ def write_table(path: str | Path, table: pd.DataFrame) -> None:
 
 def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
     picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    # Level 1: pathology textures barely compress, and level 6 takes ~4x the time to save ~15% of the bytes.
+    # Level 1: tissue texture barely compresses; level 6 takes ~4x the time to save ~15%.
     _write_with(path, lambda tmp: picture.save(tmp, format="PNG", compress_level=1))
 
 
