@@ -220,16 +220,17 @@ def stratified_split(
     return [value if value is not None else "train" for value in assigned]
 
 
-def contact_sheet(paths: Sequence[Path], title: str, tile: int) -> Image.Image:
+def contact_sheet(paths: Sequence[Path], title: str, tile: int, gap: int = 2) -> Image.Image:
     """A grid of thumbnails under a title line, for looking at a class at a glance."""
     columns = max(1, math.ceil(math.sqrt(len(paths))))
     rows = max(1, math.ceil(len(paths) / columns))
     header = max(18, tile // 5)
-    sheet = Image.new("RGB", (columns * tile, rows * tile + header), "white")
+    pitch = tile + gap
+    sheet = Image.new("RGB", (columns * pitch - gap, rows * pitch - gap + header), "white")
     for index, path in enumerate(paths):
         with Image.open(path) as image:
             thumb = image.convert("RGB").resize((tile, tile), Image.NEAREST)
-        sheet.paste(thumb, ((index % columns) * tile, header + (index // columns) * tile))
+        sheet.paste(thumb, ((index % columns) * pitch, header + (index // columns) * pitch))
     font = ImageFont.load_default(size=max(10, header - 6))
     ImageDraw.Draw(sheet).text((4, 2), title, fill="black", font=font)
     return sheet
