@@ -46,6 +46,17 @@ def test_dry_run_of_the_paper_config_names_missing_roots(tmp_path):
     assert "prepare_data        7" in log
 
 
+def test_one_dataset_can_be_selected_on_the_command_line(tmp_path):
+    paper = str(REPO / "config" / "paper.yaml")
+    result = snakemake(tmp_path, "-n", "--configfile", paper, "--config", "only_datasets=[mhist]")
+    assert "prepare_data        1" in result.stdout
+    assert "wildcards: dataset=mhist" in result.stdout
+    typo = snakemake(tmp_path, "-n", "--configfile", paper, "--config", "only_datasets=[mhsit]",
+                     check=False)
+    assert typo.returncode != 0
+    assert "paper.yaml + --config: only_datasets: unknown dataset 'mhsit'" in typo.stdout
+
+
 def test_misspelt_key_fails_naming_it(tmp_path):
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["datasets"]["synthetic"]["resolutoin"] = 32

@@ -16,7 +16,10 @@ os.environ.update(
     )
 )
 
-config.update(validate_config(config, source=", ".join(map(str, workflow.configfiles))))
+_config_sources = [str(path) for path in workflow.configfiles]
+if workflow.config_settings.overwrite_config:
+    _config_sources.append("--config")
+config.update(validate_config(config, source=" + ".join(_config_sources)))
 
 
 validate(config, schema="../schemas/config.schema.yaml")
