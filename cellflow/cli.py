@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from cellflow.config import ConfigError, dataset_configs, load_config
 
@@ -22,14 +23,45 @@ def check_config(path: str) -> int:
     return 0
 
 
+def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
+          threads: int | None, log_file: str | None) -> int:
+    """Train one model of one dataset; run under `accelerate launch` for several GPUs."""
+    import torch
+
+    from cellflow.logs import log_to_file
+    from cellflow.stages import StageSpec, train_classifier, train_diffusion
+
+    if log_file:
+        log_to_file(log_file)
+    if threads:
+        torch.set_num_threads(threads)
+    spec = StageSpec.from_json(spec_json)
+    stage = train_diffusion if model == "diffusion" else train_classifier
+    stage(spec, Path(manifest), Path(out), Path(checkpoints))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file against the schema")
     check.add_argument("config", help="path to a YAML config, e.g. config/paper.yaml")
+    fit = commands.add_parser("train", help="train the diffusion model or the classifier")
+    fit.add_argument("model", choices=["diffusion", "classifier"])
+    fit.add_argument("--spec", required=True,
+                     help="JSON: dataset_name, dataset, noise_schedule, settings, seed")
+    fit.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
+    fit.add_argument("--out", required=True, help="output folder (replaced at the end)")
+    fit.add_argument("--checkpoints", required=True,
+                     help="folder for resumable checkpoints, outside the declared outputs")
+    fit.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    fit.add_argument("--log", help="write logging and progress to this file")
     args = parser.parse_args(argv)
     if args.command == "check-config":
         return check_config(args.config)
+    if args.command == "train":
+        return train(args.model, args.spec, args.manifest, args.out, args.checkpoints,
+                     args.threads, args.log)
     raise AssertionError(args.command)
 
 

@@ -43,8 +43,9 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_table(path: str | Path, table: pd.DataFrame) -> None:
-    """Write a tab-separated table without the index."""
-    _write_with(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+    """Write a table without the index: comma-separated for .csv, tab-separated otherwise."""
+    separator = "," if Path(path).suffix == ".csv" else "\t"
+    _write_with(path, lambda tmp: table.to_csv(tmp, sep=separator, index=False))
 
 
 def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
@@ -63,3 +64,19 @@ def replace_dir(staged: Path, final: Path) -> None:
     else:
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, final)
+
+
+@contextmanager
+def staged_directory(final: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside ``final`` that replaces it only if the block succeeds.
+
+    A failed or killed run leaves ``final`` as it was (a previous result, or nothing).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    try:
+        yield staging
+        replace_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -25,9 +25,25 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a Snakemake run or dry run, as rule -> number of jobs."""
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        rule, _, count = line.rpartition(" ")
+        if count.isdigit():
+            counts[rule.strip()] = int(count)
+    return counts
+
+
 def tiny_demo_config(tmp_path: Path) -> Path:
+    """The demo config with fewer images and a few training steps: the wiring, not the science."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["datasets"]["synthetic"]["synthetic"]["images_per_class"] = 8
+    for model in ("diffusion", "classifier"):
+        config[model]["train"].update(steps=3, checkpoint_every=2, batch_size=4)
+    config["diffusion"]["samples"] = {"per_class": 1, "ddim_steps": 2}
+    config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -42,14 +58,15 @@ def test_dry_run_of_the_paper_config_names_missing_roots(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "paper.yaml"))
     log = result.stdout + result.stderr
     assert "dataset 'mhist': data root data/mhist does not exist yet" in log
-    assert "synthetic" not in log, "the demo dataset must not leak into the paper run"
-    assert "prepare_data        7" in log
+    assert "results/synthetic" not in log, "the demo dataset must not leak into the paper run"
+    counts = job_counts(result.stdout)
+    assert counts["prepare_data"] == counts["train_diffusion"] == 7
 
 
 def test_one_dataset_can_be_selected_on_the_command_line(tmp_path):
     paper = str(REPO / "config" / "paper.yaml")
     result = snakemake(tmp_path, "-n", "--configfile", paper, "--config", "only_datasets=[mhist]")
-    assert "prepare_data        1" in result.stdout
+    assert job_counts(result.stdout)["prepare_data"] == 1
     assert "wildcards: dataset=mhist" in result.stdout
     typo = snakemake(tmp_path, "-n", "--configfile", paper, "--config", "only_datasets=[mhsit]",
                      check=False)
@@ -100,7 +117,7 @@ def test_lint_and_format_are_clean():
 
 
 @pytest.mark.slow
-def test_demo_data_stage_end_to_end(tmp_path):
+def test_demo_pipeline_end_to_end(tmp_path):
     config = tiny_demo_config(tmp_path)
     snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
     data = tmp_path / "results" / "synthetic" / "data"
@@ -116,9 +133,22 @@ def test_demo_data_stage_end_to_end(tmp_path):
     assert (bands["max"].iloc[:-1].to_numpy() <= bands["min"].iloc[1:].to_numpy()).all()
     assert (tmp_path / "logs" / "synthetic" / "prepare_data.log").is_file()
     assert (tmp_path / "results" / "synthetic" / "benchmarks" / "prepare_data.tsv").is_file()
+    models = tmp_path / "results" / "synthetic" / "models"
+    assert (models / "diffusion" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (models / "classifier" / "classifier" / "config.json").is_file()
+    assert len(pd.read_csv(models / "diffusion" / "train_log.csv")) == 3
+    checkpoints = tmp_path / "results" / "synthetic" / "checkpoints" / "diffusion"
+    assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-0000002", "step-0000003"]
     # a second run has nothing to do
     again = snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+    # changing a diffusion setting reruns that model only
+    override = tmp_path / "faster.yaml"
+    override.write_text("diffusion: {train: {learning_rate: 0.002}}\n")
+    changed = snakemake(tmp_path, "--cores", "2", "-n", "--configfile", str(config),
+                        str(override))
+    assert "train_diffusion" in changed.stdout
+    assert "train_classifier" not in changed.stdout and "prepare_data" not in changed.stdout
 
 
 def test_readme_rule_graph_shows_every_rule(tmp_path):

@@ -1,5 +1,6 @@
 # Config validation, wildcard constraints and the helpers that map wildcards to paths.
 
+import json
 import os
 import re
 
@@ -85,6 +86,41 @@ def data_outputs(dataset):
     ]
 
 
+def model_outputs(dataset):
+    return [
+        f"results/{dataset}/models/diffusion",
+        f"results/{dataset}/models/classifier",
+    ]
+
+
 def final_outputs():
     """Everything `snakemake` builds by default, for the selected datasets."""
-    return [path for name in DATASETS for path in data_outputs(name)]
+    return [
+        path for name in DATASETS for path in data_outputs(name) + model_outputs(name)
+    ]
+
+
+def training_spec(model):
+    """The JSON a training job gets: its dataset, the noise schedule and its config section."""
+
+    def spec(wildcards):
+        return json.dumps(
+            {
+                "dataset_name": wildcards.dataset,
+                "dataset": config["datasets"][wildcards.dataset],
+                "noise_schedule": config["noise_schedule"],
+                "settings": config[model],
+                "seed": config["seed"],
+            },
+            sort_keys=True,
+        )
+
+    return spec
+
+
+def python_launcher(model):
+    """`python -m`, or `accelerate launch -m` over several GPUs (data parallel)."""
+    gpus = config[model]["train"]["gpus"]
+    if gpus > 1:
+        return f"accelerate launch --multi_gpu --num_processes {gpus} -m"
+    return "python -m"

@@ -1,0 +1,208 @@
+"""One function per training stage: read the stage's inputs, train, write its outputs.
+
+A stage's outputs are built in a staging folder and put in place at the end, so a killed job
+leaves nothing half-written; its checkpoints live elsewhere (``checkpoint_root``), outside the
+job's declared outputs, because Snakemake deletes the outputs of a failed job and a retry must
+still find them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from cellflow.classifier import NoiseAwareClassifier
+from cellflow.config import DatasetConfig
+from cellflow.data import load_split
+from cellflow.diffusion import (
+    NoiseSchedule,
+    UNetArchitecture,
+    build_unet,
+    ddim_sample,
+    epsilon_loss,
+    group_norm_groups,
+)
+from cellflow.figures import plot_accuracy_by_timestep, plot_loss_curve, save_sample_grid
+from cellflow.io import staged_directory, write_table, write_text
+from cellflow.training import TrainConfig, TrainResult, to_model_range, train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a training stage needs from the pipeline config, as plain data."""
+
+    dataset: DatasetConfig
+    noise_schedule: NoiseSchedule
+    settings: Mapping[str, Any]  # the `diffusion` or `classifier` section of the config
+    seed: int
+
+    @classmethod
+    def from_json(cls, text: str) -> StageSpec:
+        raw = json.loads(text)
+        return cls(
+            dataset=DatasetConfig.from_dict(raw["dataset_name"], raw["dataset"]),
+            noise_schedule=NoiseSchedule(**raw["noise_schedule"]),
+            settings=raw["settings"],
+            seed=raw["seed"],
+        )
+
+    def fingerprint(self, model: str, manifest: Path) -> dict[str, Any]:
+        """What the trained weights depend on; checkpoints of another fingerprint never mix."""
+        return {
+            "model": model,
+            "settings": json.loads(json.dumps(self.settings)),
+            "noise_schedule": asdict(self.noise_schedule),
+            "classes": list(self.dataset.classes),
+            "resolution": self.dataset.resolution,
+            "seed": self.seed,
+            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+        }
+
+
+def checkpoint_folder(root: Path, fingerprint: Mapping[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    return root / digest[:12]
+
+
+def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_root: Path
+                    ) -> TrainResult:
+    """Train the class-conditional UNet; write ``unet/``, ``scheduler/``, log, curve, samples."""
+    images, labels = load_split(manifest, "train")
+    torch.manual_seed(spec.seed)
+    unet = build_unet(UNetArchitecture.from_dict(spec.settings["model"]),
+                      spec.dataset.resolution, len(spec.dataset.classes))
+    scheduler = spec.noise_schedule.ddpm()
+    fingerprint = spec.fingerprint("diffusion", manifest)
+
+    def loss(model, batch, batch_labels, generator):
+        return epsilon_loss(model, scheduler, batch, batch_labels, generator)
+
+    result = train_model(
+        unet, loss, torch.from_numpy(images), torch.from_numpy(labels),
+        TrainConfig.from_dict(spec.settings["train"]), spec.seed,
+        checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
+        description=f"diffusion {spec.dataset.name}",
+    )
+    samples = spec.settings["samples"]
+    grid_labels = torch.arange(len(spec.dataset.classes)).repeat_interleave(samples["per_class"])
+    generator = torch.Generator().manual_seed(spec.seed)
+    ema_unet = result.ema.eval()
+    sampled = ddim_sample(ema_unet, spec.noise_schedule, grid_labels, samples["ddim_steps"],
+                          generator)
+
+    with staged_directory(out_dir) as staging:
+        ema_unet.save_pretrained(staging / "unet")
+        scheduler.save_pretrained(staging / "scheduler")
+        save_sample_grid(sampled, len(spec.dataset.classes), staging / "samples.png")
+        _write_common(staging, result, spec, fingerprint, "diffusion")
+    return result
+
+
+def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_root: Path
+                     ) -> tuple[TrainResult, pd.DataFrame]:
+    """Train the noise-aware classifier; write it with its accuracy per band of timesteps."""
+    images, labels = load_split(manifest, "train")
+    torch.manual_seed(spec.seed)
+    architecture = spec.settings["model"]
+    classifier = NoiseAwareClassifier(
+        sample_size=spec.dataset.resolution,
+        num_classes=len(spec.dataset.classes),
+        block_out_channels=tuple(architecture["block_out_channels"]),
+        layers_per_block=architecture["layers_per_block"],
+        attention_levels=tuple(architecture["attention_levels"]),
+        attention_head_dim=architecture["attention_head_dim"],
+        norm_num_groups=group_norm_groups(architecture["block_out_channels"]),
+        pool=architecture["pool"],
+        dropout=architecture["dropout"],
+    )
+    scheduler = spec.noise_schedule.ddpm()
+    fingerprint = spec.fingerprint("classifier", manifest)
+
+    def loss(model, batch, batch_labels, generator):
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],),
+                                  generator=generator).to(batch.device)
+        noise = torch.randn(batch.shape, generator=generator).to(batch.device, batch.dtype)
+        logits = model(scheduler.add_noise(batch, noise, timesteps), timesteps)
+        return F.cross_entropy(logits.float(), batch_labels)
+
+    result = train_model(
+        classifier, loss, torch.from_numpy(images), torch.from_numpy(labels),
+        TrainConfig.from_dict(spec.settings["train"]), spec.seed,
+        checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
+        description=f"classifier {spec.dataset.name}",
+    )
+    val_images, val_labels = load_split(manifest, "val")
+    evaluation = spec.settings["eval"]
+    table = accuracy_by_timestep(result.ema.eval(), spec.noise_schedule, val_images, val_labels,
+                                 evaluation["bands"], evaluation["noise_draws"], spec.seed)
+
+    with staged_directory(out_dir) as staging:
+        result.ema.save_pretrained(staging / "classifier")
+        write_table(staging / "accuracy_by_t.tsv", table)
+        plot_accuracy_by_timestep(
+            table, 1 / len(spec.dataset.classes), staging / "accuracy_by_t.png",
+            f"{spec.dataset.name}: noise-aware classifier, validation split")
+        _write_common(staging, result, spec, fingerprint, "classifier")
+    return result, table
+
+
+@torch.no_grad()
+def accuracy_by_timestep(
+    classifier: torch.nn.Module,
+    schedule: NoiseSchedule,
+    images: np.ndarray,
+    labels: np.ndarray,
+    bands: int,
+    noise_draws: int,
+    seed: int,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """Accuracy on noised images, t drawn uniformly inside each of ``bands`` equal bands."""
+    scheduler = schedule.ddpm()
+    edges = np.linspace(0, schedule.num_train_timesteps, bands + 1).round().astype(int)
+    generator = torch.Generator().manual_seed(seed)
+    device = next(classifier.parameters()).device
+    clean = to_model_range(torch.from_numpy(images))
+    targets = torch.from_numpy(labels)
+    rows = []
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        correct = total = 0
+        for _ in range(noise_draws):
+            for first in range(0, len(clean), batch_size):
+                batch = clean[first:first + batch_size]
+                t = torch.randint(int(start), int(end), (len(batch),), generator=generator)
+                noise = torch.randn(batch.shape, generator=generator)
+                noisy = scheduler.add_noise(batch, noise, t)
+                predicted = classifier(noisy.to(device), t.to(device)).argmax(dim=1).cpu()
+                correct += int((predicted == targets[first:first + batch_size]).sum())
+                total += len(batch)
+        rows.append({"t_start": int(start), "t_end": int(end) - 1,
+                     "accuracy": correct / total, "n": total})
+    return pd.DataFrame(rows)
+
+
+def _write_common(staging: Path, result: TrainResult, spec: StageSpec,
+                  fingerprint: Mapping[str, Any], name: str) -> None:
+    write_table(staging / "train_log.csv", result.log)
+    plot_loss_curve(result.log, staging / "loss_curve.png", f"{spec.dataset.name}: {name}")
+    summary = {
+        "fingerprint": fingerprint,
+        "steps": int(result.log["step"].max()) if len(result.log) else 0,
+        "resumed_from_step": result.resumed_from_step,
+        "seconds_this_run": round(result.seconds, 2),
+        "final_loss_mean_last_10": float(result.log["loss"].tail(10).mean()),
+        "weights": "EMA",
+    }
+    write_text(staging / "training.json", json.dumps(summary, indent=2))
