@@ -41,6 +41,37 @@ def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
     return 0
 
 
+def generate(method: str, spec_json: str, manifest: str, diffusion: str, classifier: str,
+             out: str, threads: int | None, log_file: str | None) -> int:
+    """Cellflow trajectories or a generative baseline for one dataset."""
+    import json
+
+    import torch
+
+    from cellflow.config import DatasetConfig
+    from cellflow.diffusion import NoiseSchedule
+    from cellflow.generate import generate_adm, generate_cellflow, generate_ddib
+    from cellflow.logs import log_to_file
+
+    if log_file:
+        log_to_file(log_file)
+    if threads:
+        torch.set_num_threads(threads)
+    spec = json.loads(spec_json)
+    dataset = DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"])
+    schedule = NoiseSchedule(**spec["noise_schedule"])
+    models = (Path(diffusion), Path(classifier))
+    if method == "cellflow":
+        generate_cellflow(dataset, schedule, spec["bridge"], Path(manifest), *models, Path(out))
+    elif method == "ddib":
+        generate_ddib(dataset, schedule, spec["bridge"], spec["baselines"]["ddib"],
+                      Path(manifest), *models, Path(out))
+    else:
+        generate_adm(dataset, schedule, spec["bridge"], spec["baselines"]["adm"], spec["seed"],
+                     *models, Path(out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +87,20 @@ def main(argv: list[str] | None = None) -> int:
                      help="folder for resumable checkpoints, outside the declared outputs")
     fit.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     fit.add_argument("--log", help="write logging and progress to this file")
+    make = commands.add_parser("generate", help="Cellflow trajectories or a baseline")
+    make.add_argument("method", choices=["cellflow", "ddib", "adm"])
+    make.add_argument("--spec", required=True,
+                      help="JSON: dataset_name, dataset, noise_schedule, bridge, baselines, seed")
+    make.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
+    make.add_argument("--diffusion", required=True, help="trained diffusion model folder")
+    make.add_argument("--classifier", required=True, help="trained classifier folder")
+    make.add_argument("--out", required=True, help="output folder (replaced at the end)")
+    make.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    make.add_argument("--log", help="write logging and progress to this file")
     args = parser.parse_args(argv)
+    if args.command == "generate":
+        return generate(args.method, args.spec, args.manifest, args.diffusion, args.classifier,
+                        args.out, args.threads, args.log)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "train":

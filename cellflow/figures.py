@@ -59,3 +59,22 @@ def save_sample_grid(samples: torch.Tensor, rows: int, path: Path) -> None:
                      pad_value=1.0)
     array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     save_png(path, array)
+
+
+def save_trajectory_strip(sources: list[np.ndarray], frames: list[np.ndarray],
+                          stairs: list[list[int]], target_example: np.ndarray, path: Path,
+                          title: str) -> None:
+    """One row per source: the source, its frames (stair timestep above each), a real target."""
+    rows, columns = len(sources), len(frames[0]) + 2
+    figure, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows + 0.4),
+                                squeeze=False)
+    for row in range(rows):
+        pictures = [sources[row], *frames[row], target_example]
+        labels = ["source", *(f"τ={s}" for s in stairs[row]), "real target"]
+        for column, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
+            axis = axes[row, column]
+            axis.imshow(picture, interpolation="nearest")
+            axis.set_title(label, fontsize=7)
+            axis.set_axis_off()
+    figure.suptitle(title, fontsize=9)
+    _save(figure, path)

@@ -15,7 +15,10 @@ cache=${CELLFLOW_ENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cellflow/envs}
     echo "setup: Cellflow needs Python 3.10-3.12; $python is $("$python" --version 2>&1)" >&2
     exit 1
 }
-key=$({ cat "$repo/pyproject.toml" "$repo/tools/setup-env.sh"; "$python" --version; uname -m; } \
+# The key covers what gets installed: the dependency lists, not the rest of pyproject.toml.
+dependency_spec=$(sed -n -e '/^dependencies = \[/,/^\]/p' \
+    -e '/^\[project.optional-dependencies\]/,/^\[/p' "$repo/pyproject.toml")
+key=$({ echo "$dependency_spec"; cat "$repo/tools/setup-env.sh"; "$python" --version; uname -m; } \
     | sha256sum | cut -c1-16)
 env_dir="$cache/$key"
 

@@ -93,10 +93,42 @@ def model_outputs(dataset):
     ]
 
 
+def generation_inputs(wildcards):
+    return {
+        "manifest": f"results/{wildcards.dataset}/data/manifest.tsv",
+        "diffusion": f"results/{wildcards.dataset}/models/diffusion",
+        "classifier": f"results/{wildcards.dataset}/models/classifier",
+    }
+
+
+def generation_spec(wildcards):
+    """The JSON a generation job gets: its dataset, the schedule, bridge and baselines."""
+    return json.dumps(
+        {
+            "dataset_name": wildcards.dataset,
+            "dataset": config["datasets"][wildcards.dataset],
+            "noise_schedule": config["noise_schedule"],
+            "bridge": config["bridge"],
+            "baselines": config["baselines"],
+            "seed": config["seed"],
+        },
+        sort_keys=True,
+    )
+
+
+def generation_outputs(dataset):
+    methods = ["adm"]
+    if DATASETS[dataset].transitions:
+        methods += ["cellflow", "ddib"]
+    return [f"results/{dataset}/trajectories/{method}" for method in methods]
+
+
 def final_outputs():
     """Everything `snakemake` builds by default, for the selected datasets."""
     return [
-        path for name in DATASETS for path in data_outputs(name) + model_outputs(name)
+        path
+        for name in DATASETS
+        for path in data_outputs(name) + model_outputs(name) + generation_outputs(name)
     ]
 
 

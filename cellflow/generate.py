@@ -1,0 +1,253 @@
+"""Generation stage: Cellflow trajectories and the DDIB and ADM baselines, in one output format.
+
+Every method writes ``<out>/manifest.tsv`` with one row per generated image:
+
+| column | meaning |
+|---|---|
+| method | cellflow, ddib or adm |
+| source_id | id of the real source image (manifest of the data stage), or adm_<class>_<n> |
+| source_class, target_class, source_label, target_label | the transition |
+| frame_index | 1..N along a trajectory (1 for DDIB and ADM) |
+| stair | respaced stair timestep the frame was decoded from (K for DDIB and ADM) |
+| timestep | the same as a DDPM timestep (stair x stride) |
+| soft_label_weight | weight of the target class in the frame's label; the rest is the source |
+| path | PNG, relative to the manifest's folder |
+
+so downstream training treats all generative methods alike. Sources come from the training
+split only: validation and test images never feed a generator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import UNet2DModel
+from tqdm import tqdm
+
+from cellflow.bridge import BridgeConfig, EvaluationCounter, StairBridge, soft_label_weight
+from cellflow.classifier import NoiseAwareClassifier
+from cellflow.config import DatasetConfig, Transition
+from cellflow.diffusion import NoiseSchedule
+from cellflow.figures import save_trajectory_strip
+from cellflow.io import save_png, staged_directory, write_table, write_text
+from cellflow.training import to_model_range
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ["method", "source_id", "source_class", "target_class", "source_label",
+                    "target_label", "frame_index", "stair", "timestep", "soft_label_weight",
+                    "path"]
+
+
+def load_models(diffusion_dir: Path, classifier_dir: Path, device: torch.device
+                ) -> tuple[UNet2DModel, NoiseAwareClassifier]:
+    unet = UNet2DModel.from_pretrained(diffusion_dir / "unet").to(device)
+    classifier = NoiseAwareClassifier.from_pretrained(classifier_dir / "classifier").to(device)
+    return unet, classifier
+
+
+def pick_sources(manifest: pd.DataFrame, source_class: str, count: int) -> pd.DataFrame:
+    """Training images of one class, the first ``count`` by id (0: all), for a stable choice."""
+    rows = manifest[(manifest["split"] == "train") & (manifest["label_name"] == source_class)]
+    rows = rows.sort_values("id")
+    if rows.empty:
+        raise ValueError(f"no training image of class '{source_class}' to start trajectories from")
+    return rows if count == 0 else rows.head(count)
+
+
+def read_images(root: Path, paths: pd.Series) -> torch.Tensor:
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(root / path).convert("RGB")).transpose(2, 0, 1)
+              for path in paths]
+    return to_model_range(torch.from_numpy(np.stack(arrays)))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the reference saves frames."""
+    scaled = ((images.float().clamp(-1, 1) + 1) * 127.5).round()
+    return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _batches(table: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
+    for first in range(0, len(table), size):
+        yield table.iloc[first:first + size]
+
+
+def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
+                      data_manifest: Path, diffusion_dir: Path, classifier_dir: Path,
+                      out_dir: Path) -> pd.DataFrame:
+    """Trajectories for every configured transition; returns the generation manifest."""
+    config = BridgeConfig.from_dict(bridge)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet, classifier = load_models(diffusion_dir, classifier_dir, device)
+    engine = StairBridge(unet, classifier, schedule, config)
+    data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
+    label_of = {name: index for index, name in enumerate(dataset.classes)}
+    rows, stairs_rows, fourier_rows = [], [], []
+    counter = EvaluationCounter()
+    started = time.perf_counter()
+    with staged_directory(out_dir) as staging:
+        for transition in _transitions(dataset):
+            sources = pick_sources(data, transition.source, bridge["sources_per_transition"])
+            strip_sources, strip_frames, strip_stairs = [], [], []
+            for batch in tqdm(list(_batches(sources, bridge["batch_size"])),
+                              desc=f"cellflow {transition.source}->{transition.target}"):
+                images = read_images(data_manifest.parent, batch["path"])
+                result = engine.trajectories(
+                    images, torch.full((len(batch),), label_of[transition.source]),
+                    torch.full((len(batch),), label_of[transition.target]))
+                _add_counts(counter, result.counter)
+                frames = to_uint8(result.frames.flatten(0, 1)).reshape(
+                    len(batch), config.frames, *result.frames.shape[-2:], 3)
+                for b, source_id in enumerate(batch["id"]):
+                    folder = f"frames/{source_id}__{transition.source}-to-{transition.target}"
+                    for m in range(config.frames):
+                        stair = int(result.stairs[b, m])
+                        path = f"{folder}/{m + 1:02d}.png"
+                        save_png(staging / path, frames[b, m])
+                        rows.append(_row("cellflow", source_id, transition, label_of, m + 1,
+                                         stair, engine.respaced.timestep(stair),
+                                         soft_label_weight(bridge["soft_label"], m + 1,
+                                                           config.frames, stair,
+                                                           config.inversion_steps), path))
+                    fourier_rows += [
+                        {"source_id": source_id, "target_class": transition.target,
+                         "level": level + 1, "measure": float(value)}
+                        for level, value in enumerate(result.measures[b])]
+                    stairs_rows += [
+                        {"source_id": source_id, "target_class": transition.target,
+                         "frame_index": m + 1, "stair": int(s)}
+                        for m, s in enumerate(result.stairs[b])]
+                if len(strip_sources) < bridge["strip_sources"]:
+                    keep = bridge["strip_sources"] - len(strip_sources)
+                    strip_sources += list(to_uint8(images[:keep]))
+                    strip_frames += list(frames[:keep])
+                    strip_stairs += [list(map(int, s)) for s in result.stairs[:keep]]
+            target_example = _real_example(data, data_manifest.parent, transition.target)
+            save_trajectory_strip(
+                strip_sources, strip_frames, strip_stairs, target_example,
+                staging / "strips" / f"{transition.source}-to-{transition.target}.png",
+                f"{dataset.name}: {transition.source} → {transition.target} (Cellflow)")
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        write_table(staging / "manifest.tsv", manifest)
+        write_table(staging / "stairs.tsv", pd.DataFrame(stairs_rows))
+        write_table(staging / "fourier.tsv", pd.DataFrame(fourier_rows))
+        _write_summary(staging, "cellflow", config, counter, len(stairs_rows) // config.frames
+                       if config.frames else 0, time.perf_counter() - started)
+    return manifest
+
+
+def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
+                  ddib: dict[str, Any], data_manifest: Path, diffusion_dir: Path,
+                  classifier_dir: Path, out_dir: Path) -> pd.DataFrame:
+    """DDIB translations (endpoints only, hard target labels) for every transition."""
+    config = BridgeConfig.from_dict(bridge)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet, _ = load_models(diffusion_dir, classifier_dir, device)
+    engine = StairBridge(unet, None, schedule, config)
+    data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
+    label_of = {name: index for index, name in enumerate(dataset.classes)}
+    rows, counter, started = [], EvaluationCounter(), time.perf_counter()
+    with staged_directory(out_dir) as staging:
+        for transition in _transitions(dataset):
+            sources = pick_sources(data, transition.source, ddib["sources_per_transition"])
+            for batch in tqdm(list(_batches(sources, bridge["batch_size"])),
+                              desc=f"ddib {transition.source}->{transition.target}"):
+                images = read_images(data_manifest.parent, batch["path"])
+                translated, used = engine.ddib(
+                    images, torch.full((len(batch),), label_of[transition.source]),
+                    torch.full((len(batch),), label_of[transition.target]))
+                _add_counts(counter, used)
+                for source_id, image in zip(batch["id"], to_uint8(translated), strict=True):
+                    path = f"images/{source_id}__{transition.source}-to-{transition.target}.png"
+                    save_png(staging / path, image)
+                    rows.append(_row("ddib", source_id, transition, label_of, 1,
+                                     config.inversion_steps,
+                                     engine.respaced.timestep(config.inversion_steps), 1.0, path))
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        write_table(staging / "manifest.tsv", manifest)
+        _write_summary(staging, "ddib", config, counter, len(rows), time.perf_counter() - started)
+    return manifest
+
+
+def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
+                 adm: dict[str, Any], seed: int, diffusion_dir: Path, classifier_dir: Path,
+                 out_dir: Path) -> pd.DataFrame:
+    """Classifier-guided class-conditional DDIM samples, ``per_class`` of every class."""
+    config = BridgeConfig.from_dict({**bridge, "classifier_scale": adm["classifier_scale"]})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet, classifier = load_models(diffusion_dir, classifier_dir, device)
+    engine = StairBridge(unet, classifier, schedule, config)
+    generator = torch.Generator().manual_seed(seed)
+    rows, counter, started = [], EvaluationCounter(), time.perf_counter()
+    with staged_directory(out_dir) as staging:
+        for label, name in enumerate(dataset.classes):
+            for first in tqdm(range(0, adm["per_class"], bridge["batch_size"]),
+                              desc=f"adm {name}"):
+                count = min(bridge["batch_size"], adm["per_class"] - first)
+                samples, used = engine.sample(torch.full((count,), label), generator,
+                                              dataset.resolution)
+                _add_counts(counter, used)
+                for offset, image in enumerate(to_uint8(samples)):
+                    sample_id = f"adm_{name}_{first + offset:04d}"
+                    path = f"images/{name}/{sample_id}.png"
+                    save_png(staging / path, image)
+                    rows.append({
+                        "method": "adm", "source_id": sample_id, "source_class": name,
+                        "target_class": name, "source_label": label, "target_label": label,
+                        "frame_index": 1, "stair": config.inversion_steps,
+                        "timestep": engine.respaced.timestep(config.inversion_steps),
+                        "soft_label_weight": 1.0, "path": path})
+        manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        write_table(staging / "manifest.tsv", manifest)
+        _write_summary(staging, "adm", config, counter, len(rows), time.perf_counter() - started)
+    return manifest
+
+
+def _transitions(dataset: DatasetConfig) -> tuple[Transition, ...]:
+    if not dataset.transitions:
+        raise ValueError(f"dataset '{dataset.name}' has no transitions configured "
+                         f"(datasets.{dataset.name}.transitions)")
+    return dataset.transitions
+
+
+def _row(method: str, source_id: str, transition: Transition, label_of: dict[str, int],
+         frame: int, stair: int, timestep: int, weight: float, path: str) -> dict[str, Any]:
+    return {"method": method, "source_id": source_id, "source_class": transition.source,
+            "target_class": transition.target, "source_label": label_of[transition.source],
+            "target_label": label_of[transition.target], "frame_index": frame, "stair": stair,
+            "timestep": timestep, "soft_label_weight": weight, "path": path}
+
+
+def _real_example(data: pd.DataFrame, root: Path, class_name: str) -> np.ndarray:
+    row = data[(data["split"] == "train") & (data["label_name"] == class_name)].sort_values("id")
+    return to_uint8(read_images(root, row["path"].head(1)))[0]
+
+
+def _add_counts(total: EvaluationCounter, part: EvaluationCounter) -> None:
+    for name, value in asdict(part).items():
+        setattr(total, name, getattr(total, name) + value)
+
+
+def _write_summary(staging: Path, method: str, config: BridgeConfig, counter: EvaluationCounter,
+                   outputs: int, seconds: float) -> None:
+    summary = {
+        "method": method,
+        "bridge": asdict(config),
+        "outputs": outputs,
+        "seconds": round(seconds, 2),
+        **asdict(counter),
+        "unet_evaluations_per_output": counter.unet_evaluations / max(outputs, 1),
+    }
+    write_text(staging / "generation.json", json.dumps(summary, indent=2))
+    log.info("%s: %s", method, summary)
