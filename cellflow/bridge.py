@@ -87,7 +87,8 @@ class RespacedSchedule:
         self.scheduler.set_timesteps(steps)
         alphas = self.scheduler.alphas_cumprod.double()
         # a_K := 0 ends the inversion at pure noise; decoding past level 0 goes to 1 (x0-hat).
-        self.alphas = torch.cat([alphas[:: self.stride][:steps], torch.zeros(1, dtype=alphas.dtype)])
+        self.alphas = torch.cat([alphas[:: self.stride][:steps],
+                                 torch.zeros(1, dtype=alphas.dtype)])
 
     def timestep(self, level: int) -> int:
         return level * self.stride

@@ -239,7 +239,8 @@ def test_generation_stages_write_one_manifest_format(models, tmp_path):
     cellflow = generate_cellflow(dataset, SCHEDULE, bridge, tmp_path / "data" / "manifest.tsv",
                                  *models_dirs, tmp_path / "out" / "cellflow")
     ddib = generate_ddib(dataset, SCHEDULE, bridge, {"sources_per_transition": 2},
-                         tmp_path / "data" / "manifest.tsv", *models_dirs, tmp_path / "out" / "ddib")
+                         tmp_path / "data" / "manifest.tsv", *models_dirs,
+                         tmp_path / "out" / "ddib")
     adm = generate_adm(dataset, SCHEDULE, bridge, {"per_class": 2, "classifier_scale": 1.0}, 0,
                        *models_dirs, tmp_path / "out" / "adm")
     for name, table in (("cellflow", cellflow), ("ddib", ddib), ("adm", adm)):
