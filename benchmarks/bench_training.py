@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,36 @@ def measure(model: str, config_name: str, batch: int, precision: str, repeats: i
     }
 
 
+def demo_budget() -> dict:
+    """Both demo models trained from scratch by their stage functions, timed end to end."""
+    import tempfile
+
+    from cellflow.stages import StageSpec, train_classifier, train_diffusion
+
+    manifest = Path("results/synthetic/data/manifest.tsv")
+    if not manifest.is_file():
+        raise SystemExit("no demo data: run `make demo` first (results/synthetic/data/)")
+    config = load_config("config/config.yaml")
+    seconds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, stage in (("diffusion", train_diffusion), ("classifier", train_classifier)):
+            spec = StageSpec.from_json(json.dumps({
+                "dataset_name": "synthetic", "dataset": config["datasets"]["synthetic"],
+                "noise_schedule": config["noise_schedule"], "settings": config[model],
+                "seed": config["seed"]}))
+            started = time.perf_counter()
+            stage(spec, manifest, Path(tmp) / model, Path(tmp) / "checkpoints" / model)
+            seconds[model] = time.perf_counter() - started
+    return {
+        "model": "demo budget: both demo models trained (stage functions, 2 threads)",
+        "batch": 16, "precision": "no",
+        "images/s (fwd+bwd+step)": f"{seconds['diffusion']:.0f} s + "
+                                   f"{seconds['classifier']:.0f} s = "
+                                   f"{sum(seconds.values()):.0f} s (budget 240 s)",
+        "peak RSS GiB": "-", "peak GPU GiB": "-",
+    }
+
+
 def run_isolated(model: str, config_name: str, batch: int, precision: str, repeats: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.bench_training", "--one",
                json.dumps([model, config_name, batch, precision, repeats])]
@@ -107,7 +138,7 @@ def main() -> None:
         paper_batches = [16] if gpu else [1]
         cases += [(m, "paper", b, 1 if not gpu else 5) for m in ("diffusion", "classifier")
                   for b in paper_batches]
-    rows = []
+    rows = [] if args.quick or gpu else [demo_budget()]
     for model, config_name, batch, repeats in cases:
         for precision in (["no", "bf16"] if gpu else ["no"]):
             result = run_isolated(model, config_name, batch, precision, repeats)

@@ -55,6 +55,25 @@ def load_models(diffusion_dir: Path, classifier_dir: Path, device: torch.device
     return unet, classifier
 
 
+def _engine(schedule: NoiseSchedule, config: BridgeConfig, diffusion_dir: Path,
+            classifier_dir: Path, guided: bool) -> StairBridge:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    unet, classifier = load_models(diffusion_dir, classifier_dir, device)
+    return StairBridge(unet, classifier if guided else None, schedule, config)
+
+
+def _source_batches(data: pd.DataFrame, root: Path, transition: Transition, count: int,
+                    batch_size: int, label_of: dict[str, int], method: str
+                    ) -> Iterator[tuple[pd.DataFrame, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of source images of one transition, with their source and target labels."""
+    sources = pick_sources(data, transition.source, count)
+    for batch in tqdm(list(_batches(sources, batch_size)),
+                      desc=f"{method} {transition.source}->{transition.target}"):
+        yield (batch, read_images(root, batch["path"]),
+               torch.full((len(batch),), label_of[transition.source]),
+               torch.full((len(batch),), label_of[transition.target]))
+
+
 def pick_sources(manifest: pd.DataFrame, source_class: str, count: int) -> pd.DataFrame:
     """Training images of one class, the first ``count`` by id (0: all), for a stable choice."""
     rows = manifest[(manifest["split"] == "train") & (manifest["label_name"] == source_class)]
@@ -88,9 +107,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                       out_dir: Path) -> pd.DataFrame:
     """Trajectories for every configured transition; returns the generation manifest."""
     config = BridgeConfig.from_dict(bridge)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, classifier = load_models(diffusion_dir, classifier_dir, device)
-    engine = StairBridge(unet, classifier, schedule, config)
+    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, stairs_rows, fourier_rows = [], [], []
@@ -98,14 +115,11 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
     started = time.perf_counter()
     with staged_directory(out_dir) as staging:
         for transition in _transitions(dataset):
-            sources = pick_sources(data, transition.source, bridge["sources_per_transition"])
             strip_sources, strip_frames, strip_stairs = [], [], []
-            for batch in tqdm(list(_batches(sources, bridge["batch_size"])),
-                              desc=f"cellflow {transition.source}->{transition.target}"):
-                images = read_images(data_manifest.parent, batch["path"])
-                result = engine.trajectories(
-                    images, torch.full((len(batch),), label_of[transition.source]),
-                    torch.full((len(batch),), label_of[transition.target]))
+            for batch, images, source_labels, target_labels in _source_batches(
+                    data, data_manifest.parent, transition, bridge["sources_per_transition"],
+                    bridge["batch_size"], label_of, "cellflow"):
+                result = engine.trajectories(images, source_labels, target_labels)
                 _add_counts(counter, result.counter)
                 frames = to_uint8(result.frames.flatten(0, 1)).reshape(
                     len(batch), config.frames, *result.frames.shape[-2:], 3)
@@ -152,21 +166,16 @@ def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[
                   classifier_dir: Path, out_dir: Path) -> pd.DataFrame:
     """DDIB translations (endpoints only, hard target labels) for every transition."""
     config = BridgeConfig.from_dict(bridge)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, _ = load_models(diffusion_dir, classifier_dir, device)
-    engine = StairBridge(unet, None, schedule, config)
+    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=False)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:
         for transition in _transitions(dataset):
-            sources = pick_sources(data, transition.source, ddib["sources_per_transition"])
-            for batch in tqdm(list(_batches(sources, bridge["batch_size"])),
-                              desc=f"ddib {transition.source}->{transition.target}"):
-                images = read_images(data_manifest.parent, batch["path"])
-                translated, used = engine.ddib(
-                    images, torch.full((len(batch),), label_of[transition.source]),
-                    torch.full((len(batch),), label_of[transition.target]))
+            for batch, images, source_labels, target_labels in _source_batches(
+                    data, data_manifest.parent, transition, ddib["sources_per_transition"],
+                    bridge["batch_size"], label_of, "ddib"):
+                translated, used = engine.ddib(images, source_labels, target_labels)
                 _add_counts(counter, used)
                 for source_id, image in zip(batch["id"], to_uint8(translated), strict=True):
                     path = f"images/{source_id}__{transition.source}-to-{transition.target}.png"
@@ -185,9 +194,7 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
                  out_dir: Path) -> pd.DataFrame:
     """Classifier-guided class-conditional DDIM samples, ``per_class`` of every class."""
     config = BridgeConfig.from_dict({**bridge, "classifier_scale": adm["classifier_scale"]})
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, classifier = load_models(diffusion_dir, classifier_dir, device)
-    engine = StairBridge(unet, classifier, schedule, config)
+    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True)
     generator = torch.Generator().manual_seed(seed)
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:

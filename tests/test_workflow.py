@@ -44,6 +44,8 @@ def tiny_demo_config(tmp_path: Path) -> Path:
         config[model]["train"].update(steps=3, checkpoint_every=2, batch_size=4)
     config["diffusion"]["samples"] = {"per_class": 1, "ddim_steps": 2}
     config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
+    config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
+    config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -137,6 +139,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert (models / "diffusion" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (models / "classifier" / "classifier" / "config.json").is_file()
     assert len(pd.read_csv(models / "diffusion" / "train_log.csv")) == 3
+    trajectories = tmp_path / "results" / "synthetic" / "trajectories"
+    cellflow = pd.read_csv(trajectories / "cellflow" / "manifest.tsv", sep="\t")
+    assert len(cellflow) == 2 * 2 * 2  # transitions x sources x frames
+    assert len(pd.read_csv(trajectories / "ddib" / "manifest.tsv", sep="\t")) == 2
+    assert len(pd.read_csv(trajectories / "adm" / "manifest.tsv", sep="\t")) == 3
+    assert (trajectories / "cellflow" / "strips" / "normal-to-hyperplastic.png").is_file()
     checkpoints = tmp_path / "results" / "synthetic" / "checkpoints" / "diffusion"
     assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-0000002", "step-0000003"]
     # a second run has nothing to do
