@@ -145,7 +145,7 @@ def main() -> None:
             rows.append({
                 "model": f"{model} ({config_name}, {result['parameters_M']:.1f} M params)",
                 "batch": batch, "precision": precision,
-                "images/s (fwd+bwd+step)": f"{result['images_per_s']:.2f}",
+                "images/s (fwd+bwd+step)": f"{result['images_per_s']:.3g}",
                 "peak RSS GiB": f"{result['peak_rss_GiB']:.2f}",
                 "peak GPU GiB": "-" if result["peak_gpu_GiB"] is None
                 else f"{result['peak_gpu_GiB']:.2f}",
