@@ -72,6 +72,43 @@ def generate(method: str, spec_json: str, manifest: str, diffusion: str, classif
     return 0
 
 
+def downstream(args: argparse.Namespace) -> int:
+    """Train one downstream run, or aggregate runs into the benchmark tables."""
+    import json
+
+    import pandas as pd
+
+    from cellflow.aggregate import read_runs, summarise
+    from cellflow.io import write_table
+    from cellflow.logs import log_to_file
+
+    if args.log:
+        log_to_file(args.log)
+    if args.action == "train":
+        import torch
+
+        from cellflow.downstream import DownstreamTrainConfig, train_downstream
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        spec = json.loads(args.spec)
+        settings = spec["downstream"]
+        train_downstream(
+            Path(args.manifest), spec["dataset"]["classes"], spec["dataset"]["resolution"],
+            args.backbone, args.strategy, settings["strategies"][args.strategy],
+            DownstreamTrainConfig.from_dict(settings["train"]), args.seed, Path(args.out),
+            Path(args.generated) if args.generated else None,
+            settings["pretrained"].get(args.backbone))
+    elif args.action == "summarize":
+        runs = read_runs(args.inputs, args.dataset)
+        write_table(Path(args.out).with_name("runs.tsv"), runs)
+        write_table(args.out, summarise(runs))
+    else:
+        tables = [pd.read_csv(path, sep="\t") for path in args.inputs]
+        write_table(args.out, pd.concat(tables, ignore_index=True))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,7 +134,23 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", required=True, help="output folder (replaced at the end)")
     make.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     make.add_argument("--log", help="write logging and progress to this file")
+    down = commands.add_parser("downstream", help="downstream classifier runs and tables")
+    down.add_argument("action", choices=["train", "summarize", "benchmark"])
+    down.add_argument("--spec", help="train: JSON with dataset and downstream settings")
+    down.add_argument("--manifest", help="train: prepared data manifest.tsv")
+    down.add_argument("--backbone", help="train: timm model name")
+    down.add_argument("--strategy", help="train: augmentation strategy name")
+    down.add_argument("--seed", type=int, help="train: seed of the run")
+    down.add_argument("--generated", help="train: folder of a generative method's images")
+    down.add_argument("--dataset", help="summarize: dataset name")
+    down.add_argument("--inputs", nargs="*", default=[],
+                      help="summarize: metrics.json files; benchmark: summary.tsv files")
+    down.add_argument("--out", required=True, help="run folder, or the table to write")
+    down.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    down.add_argument("--log", help="write logging and progress to this file")
     args = parser.parse_args(argv)
+    if args.command == "downstream":
+        return downstream(args)
     if args.command == "generate":
         return generate(args.method, args.spec, args.manifest, args.diffusion, args.classifier,
                         args.out, args.threads, args.log)

@@ -118,8 +118,8 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
 
 def dataset_configs(config: Mapping[str, Any]) -> dict[str, DatasetConfig]:
     """The datasets a run covers: all of them, or those named by ``only_datasets``."""
-    selected = config.get("only_datasets") or list(config["datasets"])
-    return {name: DatasetConfig.from_dict(name, config["datasets"][name]) for name in selected}
+    return {name: DatasetConfig.from_dict(name, config["datasets"][name])
+            for name in _selected(config)}
 
 
 def prepare_config(config: Mapping[str, Any]) -> PrepareConfig:
@@ -193,6 +193,15 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
                     )
             if transition["source"] == transition["target"]:
                 yield f"datasets.{name}.transitions[{index}]: source and target are the same class"
+        generative = [name for name in ("cellflow", "ddib")
+                      if name in config["downstream"]["strategies"]]
+        if generative and not dataset["transitions"] and name in _selected(config):
+            yield (f"downstream.strategies: {', '.join(generative)} need transitions, and "
+                   f"dataset '{name}' has none (datasets.{name}.transitions)")
         split = dataset["split"]
         if split["val_fraction"] + split["test_fraction"] >= 0.9:
             yield f"datasets.{name}.split: val_fraction + test_fraction leaves under 10% to train"
+
+
+def _selected(config: Mapping[str, Any]) -> list[str]:
+    return config.get("only_datasets") or list(config["datasets"])

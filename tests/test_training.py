@@ -214,6 +214,7 @@ def stage_config() -> dict:
     raw = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     raw["datasets"] = {"toy": {"kind": "synthetic", "resolution": 16,
                                "classes": ["normal", "neoplastic"]}}
+    raw.pop("downstream")  # its generative strategies would need transitions
     for model in ("diffusion", "classifier"):
         raw[model]["model"].update(block_out_channels=[16, 32], attention_levels=[1],
                                    attention_head_dim=16)

@@ -46,6 +46,8 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
     config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
     config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
+    config["downstream"].update(strategies={"none": {}, "cellflow": {}}, seeds=[0])
+    config["downstream"]["train"].update(epochs=1, batch_size=8)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -145,6 +147,11 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert len(pd.read_csv(trajectories / "ddib" / "manifest.tsv", sep="\t")) == 2
     assert len(pd.read_csv(trajectories / "adm" / "manifest.tsv", sep="\t")) == 3
     assert (trajectories / "cellflow" / "strips" / "normal-to-hyperplastic.png").is_file()
+    summary = pd.read_csv(tmp_path / "results" / "synthetic" / "downstream" / "summary.tsv",
+                          sep="\t")
+    assert set(summary["strategy"]) == {"none", "cellflow"}
+    benchmark = pd.read_csv(tmp_path / "results" / "benchmark.tsv", sep="\t")
+    assert len(benchmark) == len(summary)
     checkpoints = tmp_path / "results" / "synthetic" / "checkpoints" / "diffusion"
     assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-0000002", "step-0000003"]
     # a second run has nothing to do

@@ -42,8 +42,15 @@ def choice(names):
     return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
+DOWNSTREAM = config["downstream"]
+GENERATIVE_STRATEGIES = ("cellflow", "ddib", "adm")
+
+
 wildcard_constraints:
     dataset=choice(DATASETS),
+    backbone=choice(DOWNSTREAM["backbones"]),
+    strategy=choice(DOWNSTREAM["strategies"]),
+    seed=r"\d+",
 
 
 def attempt_scaled(base):
@@ -123,13 +130,50 @@ def generation_outputs(dataset):
     return [f"results/{dataset}/trajectories/{method}" for method in methods]
 
 
+def downstream_inputs(wildcards):
+    """The data manifest, and for a generative strategy the folder of its images."""
+    inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
+    if wildcards.strategy in GENERATIVE_STRATEGIES:
+        inputs["generated"] = (
+            f"results/{wildcards.dataset}/trajectories/{wildcards.strategy}"
+        )
+    return inputs
+
+
+def downstream_spec(wildcards):
+    return json.dumps(
+        {
+            "dataset": config["datasets"][wildcards.dataset],
+            "downstream": DOWNSTREAM,
+        },
+        sort_keys=True,
+    )
+
+
+def downstream_generated_argument(wildcards, input):
+    return f"--generated {input.generated}" if "generated" in input.keys() else ""
+
+
+def run_folder(wildcards, output):
+    return os.path.dirname(output.metrics)
+
+
+def downstream_runs(wildcards):
+    return [
+        f"results/{wildcards.dataset}/downstream/{backbone}/{strategy}/seed{seed}/metrics.json"
+        for backbone in DOWNSTREAM["backbones"]
+        for strategy in DOWNSTREAM["strategies"]
+        for seed in DOWNSTREAM["seeds"]
+    ]
+
+
 def final_outputs():
     """Everything `snakemake` builds by default, for the selected datasets."""
     return [
         path
         for name in DATASETS
         for path in data_outputs(name) + model_outputs(name) + generation_outputs(name)
-    ]
+    ] + ["results/benchmark.tsv"]
 
 
 def training_spec(model):

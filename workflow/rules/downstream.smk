@@ -1,0 +1,80 @@
+# Downstream stage: classifiers per backbone x strategy x seed, and the benchmark tables.
+
+
+rule train_downstream:
+    input:
+        unpack(downstream_inputs),
+    output:
+        metrics="results/{dataset}/downstream/{backbone}/{strategy}/seed{seed}/metrics.json",
+        log_table="results/{dataset}/downstream/{backbone}/{strategy}/seed{seed}/train_log.csv",
+        model="results/{dataset}/downstream/{backbone}/{strategy}/seed{seed}/model.safetensors",
+    log:
+        "logs/{dataset}/downstream/{backbone}-{strategy}-seed{seed}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/downstream/{backbone}-{strategy}-seed{seed}.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 4
+    resources:
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(config["downstream"]["train"]["runtime_minutes"]),
+        gpu=config["downstream"]["train"]["gpus"],
+    params:
+        spec=downstream_spec,
+        generated=downstream_generated_argument,
+        folder=run_folder,
+    shell:
+        "python -m cellflow.cli downstream train --spec {params.spec:q}"
+        " --manifest {input.manifest} {params.generated} --backbone {wildcards.backbone}"
+        " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {params.folder}"
+        " --threads {threads} --log {log}"
+
+
+rule summarize_downstream:
+    input:
+        downstream_runs,
+    output:
+        summary=report(
+            "results/{dataset}/downstream/summary.tsv",
+            caption="../report/downstream_summary.rst",
+            category="Downstream",
+            labels={"dataset": "{dataset}", "table": "summary"},
+        ),
+        runs="results/{dataset}/downstream/runs.tsv",
+    log:
+        "logs/{dataset}/summarize_downstream.log",
+    benchmark:
+        "results/{dataset}/benchmarks/summarize_downstream.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(1000),
+        runtime=attempt_scaled(10),
+    shell:
+        "python -m cellflow.cli downstream summarize --dataset {wildcards.dataset}"
+        " --inputs {input} --out {output.summary} --log {log}"
+
+
+rule benchmark_table:
+    input:
+        expand("results/{dataset}/downstream/summary.tsv", dataset=DATASETS),
+    output:
+        report(
+            "results/benchmark.tsv",
+            caption="../report/benchmark.rst",
+            category="Downstream",
+            labels={"table": "benchmark"},
+        ),
+    log:
+        "logs/benchmark_table.log",
+    benchmark:
+        "results/benchmarks/benchmark_table.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(1000),
+        runtime=attempt_scaled(10),
+    shell:
+        "python -m cellflow.cli downstream benchmark --inputs {input} --out {output} --log {log}"
