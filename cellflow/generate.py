@@ -156,8 +156,8 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
         write_table(staging / "manifest.tsv", manifest)
         write_table(staging / "stairs.tsv", pd.DataFrame(stairs_rows))
         write_table(staging / "fourier.tsv", pd.DataFrame(fourier_rows))
-        _write_summary(staging, "cellflow", config, counter, len(stairs_rows) // config.frames
-                       if config.frames else 0, time.perf_counter() - started)
+        _write_summary(staging, "cellflow", config, counter, len(stairs_rows) // config.frames,
+                       time.perf_counter() - started)
     return manifest
 
 
