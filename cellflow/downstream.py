@@ -83,7 +83,7 @@ def create_backbone(name: str, num_classes: int, resolution: int,
 
 
 def soft_targets(labels: np.ndarray, num_classes: int) -> torch.Tensor:
-    return F.one_hot(torch.as_tensor(labels, dtype=torch.long), num_classes).float()
+    return F.one_hot(torch.tensor(labels, dtype=torch.long), num_classes).float()
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
