@@ -46,3 +46,11 @@ if [ "$(readlink "$repo/.venv" 2>/dev/null)" != "$env_dir" ]; then
     ln -s "$env_dir" "$repo/.venv"
 fi
 echo "setup: environment ready at .venv -> $env_dir"
+
+# `snakemake --profile slurm` looks for ~/.config/snakemake/slurm/: link this clone's profile
+# there, unless the user keeps a profile of their own at that place.
+profile_home=${XDG_CONFIG_HOME:-$HOME/.config}/snakemake/slurm
+if [ ! -e "$profile_home" ] || [ -L "$profile_home" ]; then
+    mkdir -p "$(dirname "$profile_home")"
+    ln -sfn "$repo/profiles/slurm" "$profile_home"
+fi
