@@ -24,6 +24,10 @@ include: "workflow/rules/generate.smk"
 include: "workflow/rules/downstream.smk"
 
 
+localrules:
+    all,
+
+
 rule all:
     default_target: True
     input:

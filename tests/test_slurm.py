@@ -70,3 +70,29 @@ def test_failed_job_is_retried_with_more_memory(tmp_path):
     states = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%k|%T"], capture_output=True,
                             text=True).stdout.splitlines()
     assert "rule_needs_memory|FAILED" in states and "rule_needs_memory|COMPLETED" in states
+
+
+def test_paper_jobs_request_gpus_only_where_they_train_or_generate(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(REPO / "config" / "paper.yaml"),
+         "--config", "only_datasets=[mhist]"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    resources: dict[str, set[str]] = {}
+    rule = None
+    for line in result.stdout.splitlines():
+        line = line.strip()
+        if line.startswith(("rule ", "localrule ")):
+            rule = line.split()[1].rstrip(":")
+            # `all` is a local rule without a command: it never reaches the cluster
+            rule = None if rule == "all" else rule
+        elif line.startswith("resources:") and rule:
+            resources.setdefault(rule, set()).add(line)
+    gpu_rules = {"train_diffusion", "train_classifier", "trajectories", "baseline_ddib",
+                 "baseline_adm", "train_downstream"}
+    for name, lines in resources.items():
+        wants_gpu = any("gpu=1" in line for line in lines)
+        assert wants_gpu == (name in gpu_rules), (name, lines)
+        assert all("mem_mb=" in line and "runtime=" in line for line in lines), (name, lines)
