@@ -24,8 +24,8 @@ from cellflow.config import load_config
 
 
 def build(model: str, config_name: str):
-    from cellflow.classifier import NoiseAwareClassifier
-    from cellflow.diffusion import UNetArchitecture, build_unet, group_norm_groups
+    from cellflow.diffusion import UNetArchitecture, build_unet
+    from cellflow.stages import build_classifier
 
     config = load_config(f"config/{config_name}.yaml")
     dataset = next(iter(config["datasets"].values()))
@@ -34,14 +34,7 @@ def build(model: str, config_name: str):
     if model == "diffusion":
         network = build_unet(UNetArchitecture.from_dict(settings["model"]), size, classes)
     else:
-        arch = settings["model"]
-        network = NoiseAwareClassifier(
-            sample_size=size, num_classes=classes,
-            block_out_channels=tuple(arch["block_out_channels"]),
-            layers_per_block=arch["layers_per_block"],
-            attention_levels=tuple(arch["attention_levels"]),
-            attention_head_dim=arch["attention_head_dim"],
-            norm_num_groups=group_norm_groups(arch["block_out_channels"]), pool=arch["pool"])
+        network = build_classifier(settings["model"], size, classes)
     return network, size, classes, settings["train"]["batch_size"]
 
 

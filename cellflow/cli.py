@@ -23,18 +23,24 @@ def check_config(path: str) -> int:
     return 0
 
 
-def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
-          threads: int | None, log_file: str | None) -> int:
-    """Train one model of one dataset; run under `accelerate launch` for several GPUs."""
-    import torch
-
+def _job_setup(threads: int | None, log_file: str | None) -> None:
+    """What every pipeline job does first: log to its file, use its share of the CPUs."""
     from cellflow.logs import log_to_file
-    from cellflow.stages import StageSpec, train_classifier, train_diffusion
 
     if log_file:
         log_to_file(log_file)
     if threads:
+        import torch  # only jobs that compute pay for importing it
+
         torch.set_num_threads(threads)
+
+
+def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
+          threads: int | None, log_file: str | None) -> int:
+    """Train one model of one dataset; run under `accelerate launch` for several GPUs."""
+    from cellflow.stages import StageSpec, train_classifier, train_diffusion
+
+    _job_setup(threads, log_file)
     spec = StageSpec.from_json(spec_json)
     stage = train_diffusion if model == "diffusion" else train_classifier
     stage(spec, Path(manifest), Path(out), Path(checkpoints))
@@ -46,17 +52,11 @@ def generate(method: str, spec_json: str, manifest: str, diffusion: str, classif
     """Cellflow trajectories or a generative baseline for one dataset."""
     import json
 
-    import torch
-
     from cellflow.config import DatasetConfig
     from cellflow.diffusion import NoiseSchedule
     from cellflow.generate import generate_adm, generate_cellflow, generate_ddib
-    from cellflow.logs import log_to_file
 
-    if log_file:
-        log_to_file(log_file)
-    if threads:
-        torch.set_num_threads(threads)
+    _job_setup(threads, log_file)
     spec = json.loads(spec_json)
     dataset = DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"])
     schedule = NoiseSchedule(**spec["noise_schedule"])
@@ -80,17 +80,11 @@ def downstream(args: argparse.Namespace) -> int:
 
     from cellflow.aggregate import read_runs, summarise
     from cellflow.io import write_table
-    from cellflow.logs import log_to_file
 
-    if args.log:
-        log_to_file(args.log)
+    _job_setup(args.threads, args.log)
     if args.action == "train":
-        import torch
-
         from cellflow.downstream import DownstreamTrainConfig, train_downstream
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         spec = json.loads(args.spec)
         settings = spec["downstream"]
         train_downstream(

@@ -110,15 +110,12 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
     return result
 
 
-def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_root: Path
-                     ) -> tuple[TrainResult, pd.DataFrame]:
-    """Train the noise-aware classifier; write it with its accuracy per band of timesteps."""
-    images, labels = load_split(manifest, "train")
-    torch.manual_seed(spec.seed)
-    architecture = spec.settings["model"]
-    classifier = NoiseAwareClassifier(
-        sample_size=spec.dataset.resolution,
-        num_classes=len(spec.dataset.classes),
+def build_classifier(architecture: Mapping[str, Any], sample_size: int, num_classes: int
+                     ) -> NoiseAwareClassifier:
+    """The noise-aware classifier described by a ``classifier.model`` config section."""
+    return NoiseAwareClassifier(
+        sample_size=sample_size,
+        num_classes=num_classes,
         block_out_channels=tuple(architecture["block_out_channels"]),
         layers_per_block=architecture["layers_per_block"],
         attention_levels=tuple(architecture["attention_levels"]),
@@ -127,6 +124,15 @@ def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_
         pool=architecture["pool"],
         dropout=architecture["dropout"],
     )
+
+
+def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_root: Path
+                     ) -> tuple[TrainResult, pd.DataFrame]:
+    """Train the noise-aware classifier; write it with its accuracy per band of timesteps."""
+    images, labels = load_split(manifest, "train")
+    torch.manual_seed(spec.seed)
+    classifier = build_classifier(spec.settings["model"], spec.dataset.resolution,
+                                  len(spec.dataset.classes))
     scheduler = spec.noise_schedule.ddpm()
     fingerprint = spec.fingerprint("classifier", manifest)
 
