@@ -22,10 +22,13 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/downstream.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/figures.smk"
 
 
 localrules:
     all,
+    figures,
 
 
 rule all:

@@ -59,7 +59,8 @@ def main() -> None:
     rows += [{"measure": f"training step {name}, {SIZE} px, batch {BATCH}",
               "images/s": f"{step_rate(name):.1f}"} for name in ("resnet18", "resnet50")]
     backbones = load_config("config/config.yaml")["downstream"]["backbones"]
-    runs = [path for path in sorted(Path("results/synthetic/benchmarks/downstream").glob("*.tsv"))
+    demo_runs = Path("results/synthetic/benchmarks/train_downstream")
+    runs = [path for path in sorted(demo_runs.glob("*.tsv"))
             if path.name.split("-")[0] in backbones]
     if runs:
         seconds = sum(float(pd.read_csv(path, sep="\t")["s"].iloc[-1]) for path in runs)

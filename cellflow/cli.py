@@ -28,7 +28,12 @@ def _job_setup(threads: int | None, log_file: str | None) -> None:
     from cellflow.logs import log_to_file
 
     if log_file:
+        import logging
+
+        from cellflow.machine import describe_machine
+
         log_to_file(log_file)
+        logging.getLogger("cellflow").info("machine: %s", describe_machine())
     if threads:
         import torch  # only jobs that compute pay for importing it
 
@@ -103,6 +108,154 @@ def downstream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feature_spaces(spec: dict, domain_weights: str, device) -> list:
+    from cellflow.metrics import (
+        FeatureSpace,
+        domain_feature_network,
+        inception_feature_network,
+    )
+
+    dataset, evaluation = spec["dataset"], spec["evaluation"]
+    backbone, seed = spec["feature_network"]
+    spaces = [FeatureSpace(
+        "domain", domain_feature_network(backbone, len(dataset["classes"]),
+                                         dataset["resolution"], Path(domain_weights)),
+        f"domain: {backbone} trained on real images only (strategy none, seed {seed})")]
+    if evaluation["inception_weights"]:
+        spaces.append(FeatureSpace(
+            "inception", inception_feature_network(Path(evaluation["inception_weights"])),
+            "inception: Inception-v3 pool3 (2015-12-05 weights)"))
+    return spaces
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """One evaluation table of one dataset: cellularity, fidelity, trajectories, coherence."""
+    _job_setup(args.threads, args.log)
+    import json
+
+    from cellflow import evaluate as stages
+    from cellflow.cellularity import CellularityConfig
+    from cellflow.io import write_table, write_text
+
+    spec = json.loads(args.spec)
+    evaluation, classes = spec["evaluation"], spec["dataset"]["classes"]
+    device = None
+    if args.action in ("fidelity", "trajectories", "coherence"):
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = Path(args.manifest)
+    generated = Path(args.generated) if args.generated else None
+    cellularity_config = CellularityConfig.from_dict(evaluation["cellularity"])
+    if args.action == "cellularity":
+        write_table(args.out, stages.cellularity(args.image_set, manifest, generated,
+                                                 cellularity_config))
+    elif args.action == "validate-cellularity":
+        from cellflow.cellularity import validate_against_ground_truth
+
+        table, summary = validate_against_ground_truth(
+            stages.read_table(manifest), manifest.parent, cellularity_config)
+        write_table(args.out, table)
+        write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2))
+    elif args.action == "fidelity":
+        spaces = _feature_spaces(spec, args.features, device)
+        write_table(args.out, stages.fidelity(
+            spec["dataset_name"], args.image_set, manifest, generated, classes, spaces,
+            evaluation["kid_subset_size"], evaluation["kid_subsets"], spec["seed"], device))
+    elif args.action == "trajectories":
+        from cellflow.classifier import NoiseAwareClassifier
+
+        classifier = NoiseAwareClassifier.from_pretrained(Path(args.classifier) / "classifier")
+        frames, summary = stages.analyse_trajectories(
+            manifest, stages.read_table(args.real_cellularity),
+            stages.read_table(args.generated_cellularity), generated, classifier, classes,
+            device)
+        write_table(Path(args.out) / "frames.tsv", frames)
+        write_table(Path(args.out) / "summary.tsv", summary)
+    else:
+        domain = _feature_spaces(spec, args.features, device)[0]
+        write_table(args.out, stages.temporal_coherence(
+            manifest, generated, domain, evaluation["coherence_shuffles"], spec["seed"],
+            device))
+    return 0
+
+
+def _benchmark_files(paths: list[str]):
+    """Snakemake benchmark files with the rule, dataset and job each belongs to.
+
+    Paths are ``results/[<dataset>/]benchmarks/<rule>.tsv`` or ``.../<rule>/<job>.tsv``.
+    """
+    import pandas as pd
+
+    tables = []
+    for path in map(Path, paths):
+        at = path.parts.index("benchmarks")
+        table = pd.read_csv(path, sep="\t", na_values=["-"])
+        table["rule"] = path.parts[at + 1] if len(path.parts) > at + 2 else path.stem
+        table["job"] = path.stem
+        table["dataset"] = path.parts[at - 1] if at and path.parts[at - 1] != "results" else ""
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True)
+
+
+def figures(args: argparse.Namespace) -> int:
+    """One benchmark figure (PNG + PDF) and, for the summaries, its table (TSV + Markdown)."""
+    _job_setup(None, args.log)
+    import json
+
+    import pandas as pd
+
+    from cellflow import figures as draw
+    from cellflow.evaluate import read_table
+    from cellflow.machine import describe_machine
+
+    out, table = Path(args.out), Path(args.table) if args.table else None
+    if args.kind == "classification":
+        draw.classification_benchmark(read_table(args.inputs[0]), out, table, args.metric)
+    elif args.kind == "fidelity":
+        draw.fidelity_benchmark(pd.concat(map(read_table, args.inputs), ignore_index=True),
+                                out, table)
+    elif args.kind == "trajectories":
+        summaries = [read_table(path).assign(dataset=Path(path).parts[-4])
+                     for path in args.inputs]
+        coherence = [read_table(path).assign(dataset=Path(path).parts[-3])
+                     for path in args.coherence]
+        draw.trajectory_benchmark(pd.concat(summaries, ignore_index=True),
+                                  pd.concat(coherence, ignore_index=True), out, table)
+    elif args.kind == "strips":
+        data = read_table(args.manifest)
+        images = Path(args.manifest).parent
+        sources = dict(zip(data["id"], images / data["path"], strict=True))
+        examples = (data[data["split"] == "train"].sort_values("id")
+                    .drop_duplicates("label_name"))
+        draw.trajectory_strips(
+            read_table(Path(args.generated) / "manifest.tsv"), Path(args.generated), sources,
+            dict(zip(examples["label_name"], images / examples["path"], strict=True)), out,
+            args.title, args.per_transition)
+    elif args.kind == "cellularity":
+        draw.cellularity_curves(read_table(args.frames), read_table(args.real), out, args.title)
+    elif args.kind == "fourier":
+        generated = Path(args.generated)
+        draw.fourier_stairs(read_table(generated / "fourier.tsv"),
+                            read_table(generated / "stairs.tsv"), out, args.title,
+                            args.per_transition)
+    elif args.kind == "training":
+        runs = {" / ".join(Path(path).parts[-4:-1]): pd.read_csv(path)
+                for path in args.inputs}
+        draw.training_curves(pd.read_csv(Path(args.diffusion) / "train_log.csv"),
+                             pd.read_csv(Path(args.classifier) / "train_log.csv"),
+                             read_table(Path(args.classifier) / "accuracy_by_t.tsv"), runs, out,
+                             args.title)
+    elif args.kind == "runtimes":
+        draw.runtime_table(_benchmark_files(args.inputs), out, table, describe_machine())
+    else:
+        validation = Path(args.inputs[0])
+        draw.cellularity_validation(read_table(validation),
+                                    json.loads(validation.with_suffix(".json").read_text()),
+                                    out, args.title)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,7 +295,49 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--out", required=True, help="run folder, or the table to write")
     down.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     down.add_argument("--log", help="write logging and progress to this file")
+    score = commands.add_parser("evaluate", help="evaluation tables of one dataset")
+    score.add_argument("action", choices=["cellularity", "validate-cellularity", "fidelity",
+                                          "trajectories", "coherence"])
+    score.add_argument("--spec", required=True,
+                       help="JSON: dataset_name, dataset, evaluation, feature_network, seed")
+    score.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
+    score.add_argument("--image-set", choices=["real", "cellflow", "ddib", "adm"],
+                       help="cellularity, fidelity: real images or one method's")
+    score.add_argument("--generated", help="a generation folder (trajectories/<method>)")
+    score.add_argument("--features", help="fidelity, coherence: feature network weights")
+    score.add_argument("--classifier", help="trajectories: trained classifier folder")
+    score.add_argument("--real-cellularity", help="trajectories: cellularity of real images")
+    score.add_argument("--generated-cellularity", help="trajectories: cellularity of frames")
+    score.add_argument("--out", required=True, help="the table (or folder) to write")
+    score.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    score.add_argument("--log", help="write logging and progress to this file")
+    draw = commands.add_parser("figures", help="one benchmark figure and its table")
+    draw.add_argument("kind", choices=["classification", "fidelity", "trajectories", "strips",
+                                       "cellularity", "fourier", "training", "runtimes",
+                                       "cellularity-validation"])
+    draw.add_argument("--inputs", nargs="*", default=[],
+                      help="the tables drawn (classification: benchmark.tsv; fidelity: "
+                           "fidelity tables; trajectories: summaries; training: downstream "
+                           "train logs; runtimes: benchmark files; cellularity-validation: "
+                           "the validation table)")
+    draw.add_argument("--coherence", nargs="*", default=[], help="trajectories: coherence")
+    draw.add_argument("--manifest", help="strips: prepared data manifest.tsv")
+    draw.add_argument("--generated", help="strips, fourier: trajectories/cellflow folder")
+    draw.add_argument("--frames", help="cellularity: evaluation/trajectories/frames.tsv")
+    draw.add_argument("--real", help="cellularity: evaluation/cellularity/real.tsv")
+    draw.add_argument("--diffusion", help="training: models/diffusion folder")
+    draw.add_argument("--classifier", help="training: models/classifier folder")
+    draw.add_argument("--metric", default="balanced_accuracy", help="classification metric")
+    draw.add_argument("--per-transition", type=int, default=3, help="trajectories shown")
+    draw.add_argument("--title", default="", help="figure title")
+    draw.add_argument("--out", required=True, help="figure path without suffix")
+    draw.add_argument("--table", help="table path without suffix (summaries)")
+    draw.add_argument("--log", help="write logging to this file")
     args = parser.parse_args(argv)
+    if args.command == "figures":
+        return figures(args)
+    if args.command == "evaluate":
+        return evaluate(args)
     if args.command == "downstream":
         return downstream(args)
     if args.command == "generate":

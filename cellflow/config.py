@@ -177,7 +177,15 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, 
                 _fill_defaults(value, extra, root)
 
 
+def feature_network_run(config: Mapping[str, Any]) -> tuple[str, int]:
+    """(backbone, seed) of the real-data-only downstream run used as the feature space."""
+    chosen, downstream = config["evaluation"]["feature_network"], config["downstream"]
+    backbone = chosen["backbone"] if chosen["backbone"] is not None else downstream["backbones"][0]
+    return backbone, chosen["seed"] if chosen["seed"] is not None else downstream["seeds"][0]
+
+
 def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
+    yield from _feature_network_problems(config)
     datasets = config["datasets"]
     for name in config["only_datasets"]:
         if name not in datasets:
@@ -201,6 +209,19 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
         split = dataset["split"]
         if split["val_fraction"] + split["test_fraction"] >= 0.9:
             yield f"datasets.{name}.split: val_fraction + test_fraction leaves under 10% to train"
+
+
+def _feature_network_problems(config: Mapping[str, Any]) -> Iterator[str]:
+    downstream, chosen = config["downstream"], config["evaluation"]["feature_network"]
+    if "none" not in downstream["strategies"]:
+        yield ("evaluation.feature_network: needs the downstream strategy 'none' (the network "
+               "trained on real images only gives the in-domain feature space)")
+    if chosen["backbone"] is not None and chosen["backbone"] not in downstream["backbones"]:
+        yield (f"evaluation.feature_network.backbone: '{chosen['backbone']}' is not one of "
+               f"downstream.backbones ({', '.join(downstream['backbones'])})")
+    if chosen["seed"] is not None and chosen["seed"] not in downstream["seeds"]:
+        yield (f"evaluation.feature_network.seed: {chosen['seed']} is not one of "
+               f"downstream.seeds ({', '.join(map(str, downstream['seeds']))})")
 
 
 def _selected(config: Mapping[str, Any]) -> list[str]:

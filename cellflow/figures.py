@@ -1,8 +1,19 @@
-"""Plots a person looks at instead of reading tables: training curves, accuracy by noise level."""
+"""Figures and tables a person looks at instead of raw result files.
+
+Training diagnostics (loss curves, accuracy by noise level, sample grids, trajectory strips) and
+the benchmark figures and tables built from the pipeline's result tables. Benchmark figures are
+written as PNG (to look at) and PDF (for the paper); tables as TSV (to compute with) and
+GitHub Markdown (to read). Every strategy keeps one colour and marker in every figure.
+"""
 
 from __future__ import annotations
 
+import math
+import zlib
+from collections.abc import Iterable, Mapping
+from itertools import product
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -11,32 +22,916 @@ matplotlib.use("Agg")  # files only: runs on cluster nodes without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from cellflow.io import atomic_path, save_png  # noqa: E402
+from cellflow.io import atomic_path, save_png, write_table, write_text  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+# Okabe & Ito's colours, plus three of Paul Tol's where ten strategies need more, stay apart
+# under the common colour-vision deficiencies; each strategy also has its own marker so that
+# colour is never the only cue. A strategy keeps its style in every figure.
+_STYLES: dict[str, tuple[str, str]] = {
+    "real": ("#666666", "h"),
+    "none": ("#000000", "o"),
+    "cutout": ("#E69F00", "s"),
+    "mixup": ("#56B4E9", "^"),
+    "cutmix": ("#009E73", "v"),
+    "fmix": ("#332288", "<"),
+    "resizemix": ("#999933", ">"),
+    "saliencymix": ("#882255", "p"),
+    "cellflow": ("#D55E00", "D"),
+    "ddib": ("#0072B2", "P"),
+    "adm": ("#CC79A7", "X"),
+}
+_EXTRA_COLOURS = ("#44AA99", "#DDCC77", "#AA4499", "#117733", "#88CCEE", "#661100")
+_CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000",
+                  "#999933", "#882255")
+_BETTER, _WORSE = "#0072B2", "#E69F00"
+_SOURCE_BAND, _TARGET_BAND = "#56B4E9", "#E69F00"
+_METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy",
+                  "macro_f1": "macro F1", "auroc": "AUROC"}
+_DPI = 150
+
+
+def _style(name: str) -> tuple[str, str]:
+    """Colour and marker of a strategy or method; unknown names get a fixed one from their text."""
+    if name in _STYLES:
+        return _STYLES[name]
+    # crc32, unlike hash(), is the same in every process, so the colour is too
+    return _EXTRA_COLOURS[zlib.crc32(name.encode()) % len(_EXTRA_COLOURS)], "o"
+
+
+def _order(names: Iterable[str]) -> list[str]:
+    """Known strategies in the registry's order (baseline first), then any others sorted."""
+    present = set(names)
+    known = [name for name in _STYLES if name in present]
+    return known + sorted(present - set(known))
+
+
+def _require(table: pd.DataFrame, columns: Iterable[str], what: str, *,
+             empty_ok: bool = False) -> None:
+    """Fail early, naming what is missing, instead of with a KeyError deep inside a plot."""
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise ValueError(f"{what} lacks required column(s) {', '.join(missing)} "
+                         f"(it has: {', '.join(map(str, table.columns)) or 'none'})")
+    if not empty_ok and table.empty:
+        raise ValueError(f"{what} has no rows")
+
+
+def _transition(source: str, target: str) -> str:
+    return f"{source}→{target}"
+
+
+def _table_paths(table_stem: Path) -> tuple[Path, Path]:
+    table_stem = Path(table_stem)
+    return table_stem.with_suffix(".tsv"), table_stem.with_suffix(".md")
+
+
+def _mean_sd(mean: float, sd: float, fmt: str = ".2f") -> str:
+    if pd.isna(mean):
+        return "–"
+    return f"{mean:{fmt}}" if pd.isna(sd) else f"{mean:{fmt}} ± {sd:{fmt}}"
+
+
+def _duration(seconds: float) -> str:
+    if pd.isna(seconds):
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _spans_decades(values: Iterable[float], ratio: float = 100) -> bool:
+    positive = np.asarray([v for v in values if pd.notna(v) and v > 0], dtype=float)
+    return len(positive) > 1 and positive.max() / positive.min() > ratio
+
+
+def _note(axis: Axes, text: str) -> None:
+    """Say in the panel why it is empty, rather than leave a blank a reader may misread."""
+    axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes, fontsize=8,
+              color="0.4")
+    axis.set_xticks([])
+    axis.set_yticks([])
+
+
+def _write_figure(figure: plt.Figure, path: Path, dpi: int) -> None:
+    kind = path.suffix.lstrip(".")
+    # No creation date: a rerun on the same data gives a byte-identical PDF.
+    metadata = {"CreationDate": None} if kind == "pdf" else None
+    # Type 42 (TrueType) keeps PDF text editable in vector editors, which journals ask for.
+    with atomic_path(path) as temporary, plt.rc_context({"pdf.fonttype": 42}):
+        figure.savefig(temporary, dpi=dpi, bbox_inches="tight", format=kind, metadata=metadata)
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight", format=path.suffix.lstrip("."))
-    plt.close(figure)
+    try:
+        _write_figure(figure, Path(path), dpi=120)
+    finally:
+        plt.close(figure)
 
+
+def save_figure(figure: plt.Figure, stem: Path) -> list[Path]:
+    """Write ``stem`` as .png and .pdf (replacing any suffix of ``stem``) and close the figure."""
+    paths = [Path(stem).with_suffix(".png"), Path(stem).with_suffix(".pdf")]
+    try:
+        _write_figure(figure, paths[0], dpi=_DPI)
+        if figure.get_layout_engine() is not None:
+            # The layout is in points, the same for both files: keep it rather than redo it.
+            figure.set_layout_engine("none")
+        _write_figure(figure, paths[1], dpi=_DPI)
+    finally:
+        plt.close(figure)
+    return paths
+
+
+def _markdown_cell(value: Any, floatfmt: str) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float | np.floating)
+                                           and np.isnan(value)):
+        return "–"
+    if isinstance(value, float | np.floating):
+        return format(value, floatfmt)
+    return str(value).replace("|", r"\|").replace("\n", " ")
+
+
+def write_markdown_table(table: pd.DataFrame, path: Path, bold: pd.DataFrame | None = None,
+                         floatfmt: str = ".3f", *, caption: str | None = None) -> Path:
+    """A GitHub Markdown table; named index levels become leading columns.
+
+    ``bold``: a boolean mask of ``table``'s shape, True where the cell is wrapped in ``**``.
+    ``caption``: a paragraph written above the table.
+    """
+    if bold is not None and bold.shape != table.shape:
+        raise ValueError(f"bold mask has shape {bold.shape}, the table {table.shape}")
+    named_index = any(name is not None for name in table.index.names)
+    flat = table.reset_index(drop=not named_index)
+    mask = np.zeros(flat.shape, dtype=bool)
+    if bold is not None:
+        mask[:, flat.shape[1] - table.shape[1]:] = bold.fillna(False).to_numpy(dtype=bool)
+    headers = [" / ".join(map(str, column)) if isinstance(column, tuple) else str(column)
+               for column in flat.columns]
+    align = ["---:" if pd.api.types.is_numeric_dtype(flat[column])
+             and not pd.api.types.is_bool_dtype(flat[column]) else ":---"
+             for column in flat.columns]
+    lines = ["| " + " | ".join(_markdown_cell(header, floatfmt) for header in headers) + " |",
+             "| " + " | ".join(align) + " |"]
+    for row, values in enumerate(flat.itertuples(index=False, name=None)):
+        cells = [_markdown_cell(value, floatfmt) for value in values]
+        cells = [f"**{cell}**" if mask[row, column] and cell != "–" else cell
+                 for column, cell in enumerate(cells)]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    write_text(path, f"{caption}\n\n{text}" if caption else text)
+    return Path(path)
+
+
+# --- 1. downstream classification -------------------------------------------------------------
+
+_BENCHMARK_COLUMNS = ["dataset", "backbone", "strategy", "metric", "n_seeds", "mean", "ci95_low",
+                      "ci95_high"]
+
+
+def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Path,
+                             metric: str = "balanced_accuracy") -> list[Path]:
+    """Mean and 95% CI of one test metric per dataset, backbone and strategy; best per row marked.
+
+    Writes ``table_stem``.tsv (the benchmark rows of ``metric`` plus ``is_best``), .md (rows
+    dataset × backbone, a column per strategy) and ``stem``.png/.pdf (a panel per backbone and
+    dataset, the ``none`` baseline as a reference line).
+    """
+    _require(benchmark, _BENCHMARK_COLUMNS, "benchmark table")
+    rows = benchmark[benchmark["metric"] == metric].copy()
+    if rows.empty:
+        raise ValueError(f"benchmark table has no rows for metric '{metric}' (it has: "
+                         f"{', '.join(map(str, benchmark['metric'].unique()))})")
+    keys = ["dataset", "backbone", "strategy"]
+    duplicated = rows[rows.duplicated(keys, keep=False)]
+    if len(duplicated):
+        raise ValueError(f"benchmark table has several '{metric}' rows for "
+                         f"{duplicated[keys].drop_duplicates().to_dict('records')}")
+    order = _order(rows["strategy"])
+    rank = {name: index for index, name in enumerate(order)}
+    rows = (rows.assign(_rank=rows["strategy"].map(rank))
+            .sort_values(["dataset", "backbone", "_rank"]).drop(columns="_rank"))
+    # Ties share the title: a reader should see that two strategies are equally good.
+    rows["is_best"] = rows["mean"].eq(rows.groupby(["dataset", "backbone"])["mean"]
+                                      .transform("max"))
+    tsv, markdown = _table_paths(table_stem)
+    write_table(tsv, rows)
+
+    def cell(row: pd.Series) -> str:
+        if pd.isna(row["mean"]):
+            return "–"
+        if pd.isna(row["ci95_low"]) or pd.isna(row["ci95_high"]):
+            return f"{row['mean']:.3f} (n={row['n_seeds']}, no CI)"
+        return f"{row['mean']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]"
+
+    index = ["dataset", "backbone"]
+    cells = (rows.assign(cell=rows.apply(cell, axis=1))
+             .pivot(index=index, columns="strategy", values="cell").reindex(columns=order))
+    best = (rows.assign(is_best=rows["is_best"].astype(float))
+            .pivot(index=index, columns="strategy", values="is_best").reindex(columns=order)
+            .fillna(0).astype(bool))
+    cells.columns.name = None
+    seeds = sorted(rows["n_seeds"].dropna().astype(int).unique())
+    seeds_text = ("an unknown number of" if not seeds else f"{seeds[0]}" if len(seeds) == 1
+                  else f"{seeds[0]}–{seeds[-1]}")
+    label = _METRIC_LABELS.get(metric, metric)
+    write_markdown_table(
+        cells.fillna("–"), markdown, bold=best,
+        caption=f"Test {label}: mean [95% t-interval] over {seeds_text} seeds per cell. "
+                "Bold: highest mean of the row. –: not run.")
+    figure = _classification_figure(rows, order, label)
+    return [tsv, markdown, *save_figure(figure, stem)]
+
+
+def _classification_figure(rows: pd.DataFrame, order: list[str], label: str) -> plt.Figure:
+    datasets, backbones = sorted(rows["dataset"].unique()), sorted(rows["backbone"].unique())
+    width = max(3.2, 0.34 * len(order) + 1.2)
+    figure, axes = plt.subplots(len(backbones), len(datasets), squeeze=False, sharey="col",
+                                layout="constrained",
+                                figsize=(width * len(datasets), 2.6 * len(backbones) + 1.0))
+    positions = {name: index for index, name in enumerate(order)}
+    for (row, backbone), (column, dataset) in product(enumerate(backbones),
+                                                      enumerate(datasets)):
+        axis = axes[row, column]
+        panel = rows[(rows["dataset"] == dataset) & (rows["backbone"] == backbone)]
+        baseline = panel[panel["strategy"] == "none"]
+        if len(baseline):
+            base = baseline.iloc[0]
+            axis.axhline(base["mean"], color=_style("none")[0], linestyle="--", linewidth=0.9)
+            if pd.notna(base["ci95_low"]) and pd.notna(base["ci95_high"]):
+                axis.axhspan(base["ci95_low"], base["ci95_high"], color="0.85", zorder=0)
+        star = offset_copy(axis.transData, fig=figure, y=9, units="points")
+        for record in panel.itertuples(index=False):
+            colour, marker = _style(record.strategy)
+            x = positions[record.strategy]
+            low = record.mean - record.ci95_low if pd.notna(record.ci95_low) else 0.0
+            high = record.ci95_high - record.mean if pd.notna(record.ci95_high) else 0.0
+            axis.errorbar(x, record.mean, yerr=[[max(low, 0.0)], [max(high, 0.0)]],
+                          color=colour, marker=marker, markersize=5, capsize=2.5,
+                          linewidth=1.2, markeredgecolor="black", markeredgewidth=0.4)
+            if record.is_best:
+                top = record.ci95_high if pd.notna(record.ci95_high) else record.mean
+                axis.plot(x, top, marker="*", color="black", markersize=8, transform=star)
+        axis.set_title(f"{dataset} · {backbone}", fontsize=9)
+        axis.grid(axis="y", alpha=0.3)
+        axis.set_xlim(-0.6, len(order) - 0.4)
+        if row == len(backbones) - 1:
+            axis.set_xticks(range(len(order)), order, rotation=45, ha="right", fontsize=8)
+            for tick, name in zip(axis.get_xticklabels(), order, strict=True):
+                tick.set_color(_style(name)[0])
+        else:
+            axis.set_xticks(range(len(order)), [])
+        if column == 0:
+            axis.set_ylabel(f"test {label}\n(mean ± 95% CI over seeds)")
+        axis.margins(y=0.15)
+    handles = [Line2D([], [], color="black", linestyle="--", label="none (baseline): mean"),
+               Patch(color="0.85", label="none: 95% CI"),
+               Line2D([], [], color="black", marker="*", linestyle="", markersize=8,
+                      label="highest mean in panel")]
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+    figure.suptitle(f"Downstream classification: test {label} by augmentation strategy")
+    return figure
+
+
+# --- 2. image fidelity ------------------------------------------------------------------------
+
+_FIDELITY_COLUMNS = ["dataset", "method", "class", "n_real", "n_generated", "kid_subset_size",
+                     "feature_network", "fid_domain", "kid_domain_mean", "kid_domain_std"]
+# (column stem, header name of its feature space): headers always say which features were used,
+# so a domain-feature FID is never read as the usual Inception FID.
+_FEATURE_SPACES = (("domain", "domain features"), ("inception", "Inception"))
+
+
+def _feature_spaces(fidelity: pd.DataFrame) -> list[tuple[str, str]]:
+    """Spaces with any FID value; Inception only when its weights were configured somewhere."""
+    return [(space, name) for space, name in _FEATURE_SPACES
+            if all(f"{kind}_{space}{part}" in fidelity.columns
+                   for kind, part in (("fid", ""), ("kid", "_mean"), ("kid", "_std")))
+            and fidelity[f"fid_{space}"].notna().any()]
+
+
+def fidelity_benchmark(fidelity: pd.DataFrame, stem: Path, table_stem: Path) -> list[Path]:
+    """FID and KID of each generator against real images, with real-vs-real as the noise floor.
+
+    Writes ``table_stem``.tsv (every class, with ``is_best_fid_<space>``), .md (class ``all``;
+    lowest FID per dataset, ``real`` excluded, in bold) and ``stem``.png/.pdf.
+    """
+    _require(fidelity, _FIDELITY_COLUMNS, "fidelity table")
+    if not (fidelity["class"] == "all").any():
+        raise ValueError("fidelity table has no rows for class 'all'")
+    keys = ["dataset", "method", "class"]
+    duplicated = fidelity[fidelity.duplicated(keys, keep=False)]
+    if len(duplicated):
+        raise ValueError("fidelity table has several rows for "
+                         f"{duplicated[keys].drop_duplicates().to_dict('records')}")
+    spaces = _feature_spaces(fidelity)
+    order = _order(fidelity["method"])
+    rank = {name: index for index, name in enumerate(order)}
+    table = (fidelity.assign(_other=fidelity["class"] != "all",
+                             _rank=fidelity["method"].map(rank))
+             .sort_values(["dataset", "_other", "class", "_rank"])
+             .drop(columns=["_other", "_rank"]).reset_index(drop=True))
+    # The real rows measure the noise floor, not a generator: they never win.
+    generated = table["method"] != "real"
+    for space, _ in spaces:
+        score = table[f"fid_{space}"].where(generated)
+        table[f"is_best_fid_{space}"] = score.eq(
+            score.groupby([table["dataset"], table["class"]]).transform("min"))
+    tsv, markdown = _table_paths(table_stem)
+    write_table(tsv, table)
+
+    overall = table[table["class"] == "all"].reset_index(drop=True)
+    shown = pd.DataFrame({
+        "dataset": overall["dataset"], "method": overall["method"],
+        "domain feature network": overall["feature_network"],
+        "n real": overall["n_real"].astype("Int64"),
+        "n generated": overall["n_generated"].astype("Int64")})
+    bold = pd.DataFrame(False, index=shown.index, columns=shown.columns)
+    for space, name in spaces:
+        shown[f"FID ({name}) ↓"] = [_mean_sd(value, np.nan) for value in overall[f"fid_{space}"]]
+        shown[f"KID ×10³ ({name}) ↓"] = [
+            _mean_sd(mean * 1e3, sd * 1e3) for mean, sd in
+            zip(overall[f"kid_{space}_mean"], overall[f"kid_{space}_std"], strict=True)]
+        bold[f"FID ({name}) ↓"] = overall[f"is_best_fid_{space}"].to_numpy()
+        bold[f"KID ×10³ ({name}) ↓"] = False
+    write_markdown_table(
+        shown, markdown, bold=bold,
+        caption="Fidelity of generated images to real training images of the same dataset "
+                "(class 'all'; lower is closer). 'real' compares held-out real test images "
+                "with real training images: the floor these metrics reach at that sample size. "
+                "Domain features: the network in 'domain feature network', not Inception; "
+                "numbers from different feature spaces are not comparable. "
+                "Bold: lowest FID of the dataset among generators.")
+    figure = _fidelity_figure(overall, spaces, order)
+    return [tsv, markdown, *save_figure(figure, stem)]
+
+
+def _fidelity_figure(overall: pd.DataFrame, spaces: list[tuple[str, str]],
+                     order: list[str]) -> plt.Figure:
+    datasets = sorted(overall["dataset"].unique())
+    methods = [name for name in order if name != "real"]
+    metrics = [metric for space, name in spaces for metric in (
+        (f"fid_{space}", None, f"FID ({name})\nlower = closer to real"),
+        (f"kid_{space}_mean", f"kid_{space}_std", f"KID ×10³ ({name})\nmean ± std over subsets"))]
+    width = max(2.8, 0.55 * len(methods) + 1.2)
+    figure, axes = plt.subplots(len(metrics), len(datasets), squeeze=False, layout="constrained",
+                                figsize=(width * len(datasets), 2.5 * len(metrics) + 0.9))
+    for (row, (value, spread, ylabel)), (column, dataset) in product(enumerate(metrics),
+                                                                     enumerate(datasets)):
+        axis = axes[row, column]
+        rows = overall[overall["dataset"] == dataset].set_index("method")
+        scale = 1e3 if value.startswith("kid") else 1.0
+        present = [name for name in methods
+                   if name in rows.index and pd.notna(rows.at[name, value])]
+        if not present:
+            _note(axis, "not computed")
+        for x, name in enumerate(present):
+            colour, _ = _style(name)
+            error = rows.at[name, spread] * scale if spread else None
+            axis.bar(x, rows.at[name, value] * scale, color=colour, edgecolor="black",
+                     linewidth=0.5, yerr=error, capsize=3, width=0.7)
+        if "real" in rows.index and pd.notna(rows.at["real", value]):
+            axis.axhline(rows.at["real", value] * scale, color=_style("real")[0],
+                         linestyle="--", linewidth=1.1)
+        if present:
+            axis.set_xticks(range(len(present)), [
+                f"{name}\nn={rows.at[name, 'n_generated']:.0f}" for name in present], fontsize=8)
+        axis.grid(axis="y", alpha=0.3)
+        if row == 0:
+            networks = ", ".join(map(str, rows["feature_network"].dropna().unique()))
+            axis.set_title(f"{dataset}\n(domain features: {networks})", fontsize=10)
+        if column == 0:
+            axis.set_ylabel(ylabel, fontsize=9)
+    handles = [Line2D([], [], color=_style("real")[0], linestyle="--",
+                      label="real test vs real train (noise floor)")]
+    figure.legend(handles=handles, loc="outside lower center", frameon=False)
+    figure.suptitle("Image fidelity of generated vs real training images (class 'all')")
+    return figure
+
+
+# --- 3. trajectories --------------------------------------------------------------------------
+
+_SUMMARY_COLUMNS = ["frames", "count_spearman", "area_spearman", "towards_target_fraction",
+                    "landing_count", "landing_area", "target_probability_first",
+                    "target_probability_last"]
+_COHERENCE_COLUMNS = ["ssim", "ssim_shuffled", "second_difference", "second_difference_shuffled"]
+_TRANSITION_KEYS = ["dataset", "source_class", "target_class"]
+_TRAJECTORY_HEADERS = {
+    "frames": "frames", "count_spearman": "count ρ (vs frame)",
+    "area_spearman": "area ρ (vs frame)", "towards_target_fraction": "steps towards target",
+    "landing_count": "landing (count)", "landing_area": "landing (area)",
+    "target_probability_first": "p(target) first", "target_probability_last": "p(target) last",
+    "ssim": "SSIM", "ssim_shuffled": "SSIM shuffled", "second_difference": "2nd difference",
+    "second_difference_shuffled": "2nd difference shuffled"}
+
+
+def _fraction(wins: pd.Series) -> float:
+    return float(wins.mean()) if wins.notna().any() else float("nan")
+
+
+def trajectory_benchmark(summaries: pd.DataFrame, coherence: pd.DataFrame, stem: Path,
+                         table_stem: Path) -> list[Path]:
+    """Per dataset and transition: cellularity monotonicity, landing, target belief, coherence.
+
+    Writes ``table_stem``.tsv (``<column>_mean``/``<column>_sd`` and the fractions of
+    trajectories smoother than their shuffled control), .md and ``stem``.png/.pdf.
+    """
+    _require(summaries, ["dataset", "source_id", "source_class", "target_class",
+                         *_SUMMARY_COLUMNS], "trajectory summary table")
+    _require(coherence, ["dataset", "source_id", "source_class", "target_class",
+                         *_COHERENCE_COLUMNS], "coherence table")
+    parts = []
+    for table, columns, count in ((summaries, _SUMMARY_COLUMNS, "n_trajectories"),
+                                  (coherence, _COHERENCE_COLUMNS, "n_coherence")):
+        groups = table.groupby(_TRANSITION_KEYS)
+        stats = groups[columns].agg(["mean", "std"])
+        stats.columns = [f"{column}_{'sd' if kind == 'std' else kind}"
+                         for column, kind in stats.columns]
+        parts.append(stats.assign(**{count: groups.size()}))
+    both = coherence[["ssim", "ssim_shuffled"]].notna().all(axis=1)
+    ssim_wins = (coherence["ssim"] > coherence["ssim_shuffled"]).where(both)
+    both = coherence[["second_difference", "second_difference_shuffled"]].notna().all(axis=1)
+    smoother = (coherence["second_difference"]
+                < coherence["second_difference_shuffled"]).where(both)
+    groups = [coherence[key] for key in _TRANSITION_KEYS]
+    parts.append(pd.DataFrame({
+        "fraction_ssim_above_shuffled": ssim_wins.groupby(groups).agg(_fraction),
+        "fraction_smoother_than_shuffled": smoother.groupby(groups).agg(_fraction)}))
+    table = pd.concat(parts, axis=1).reset_index()
+    table.insert(3, "transition", [_transition(a, b) for a, b in
+                                   zip(table["source_class"], table["target_class"], strict=True)])
+    for count in ("n_trajectories", "n_coherence"):
+        table[count] = table[count].fillna(0).astype(int)
+    tsv, markdown = _table_paths(table_stem)
+    write_table(tsv, table)
+
+    shown = table[["dataset", "transition", "n_trajectories"]].rename(
+        columns={"n_trajectories": "n"})
+    for column, header in _TRAJECTORY_HEADERS.items():
+        shown[header] = [_mean_sd(mean, sd, ".1f" if column == "frames" else ".2f") for mean, sd
+                         in zip(table[f"{column}_mean"], table[f"{column}_sd"], strict=True)]
+    for column, header in (("fraction_ssim_above_shuffled", "SSIM > shuffled"),
+                           ("fraction_smoother_than_shuffled", "smoother than shuffled")):
+        shown[header] = ["–" if pd.isna(value) else f"{value:.0%}" for value in table[column]]
+    write_markdown_table(
+        shown, markdown,
+        caption="Trajectories per dataset and transition (source→target class), mean ± sd over "
+                "trajectories. ρ: Spearman correlation of the measure with frame order "
+                "(monotonic change = ±1). Landing: the last frame between the source class's "
+                "real mean (0) and the target class's (1). SSIM: of consecutive frames (higher "
+                "= smoother); 2nd difference: mean norm of second differences in feature space "
+                "(lower = smoother); 'shuffled': the same frames in random order, the control. "
+                "Last columns: share of trajectories smoother than their shuffled control.")
+    figure = _trajectory_figure(summaries, coherence)
+    return [tsv, markdown, *save_figure(figure, stem)]
+
+
+def _slope_panel(axis: Axes, rows: pd.DataFrame, actual: str, shuffled: str,
+                 higher_is_better: bool, ylabel: str) -> None:
+    """One line per trajectory from its shuffled control to its generated order."""
+    rows = rows[[actual, shuffled]].dropna()
+    if rows.empty:
+        _note(axis, "no coherence data")
+        return
+    better = rows[actual] > rows[shuffled] if higher_is_better else rows[actual] < rows[shuffled]
+    for (value, control), wins in zip(rows.itertuples(index=False, name=None), better,
+                                      strict=True):
+        axis.plot([0, 1], [control, value], color=_BETTER if wins else _WORSE, alpha=0.55,
+                  linewidth=0.8, marker="o", markersize=2.5)
+    axis.plot([0, 1], [rows[shuffled].median(), rows[actual].median()], color="black",
+              linewidth=2.2, marker="_", markersize=14)
+    axis.set_xticks([0, 1], ["shuffled\norder", "generated\norder"])
+    axis.set_xlim(-0.35, 1.35)
+    axis.set_ylabel(ylabel, fontsize=9)
+    axis.text(0.5, 1.0, f"smoother than shuffled: {int(better.sum())}/{len(better)}",
+              transform=axis.transAxes, ha="center", va="bottom", fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+
+
+def _trajectory_figure(summaries: pd.DataFrame, coherence: pd.DataFrame) -> plt.Figure:
+    datasets = sorted(set(summaries["dataset"]) | set(coherence["dataset"]))
+    transitions = {}
+    for dataset in datasets:
+        rows = summaries[summaries["dataset"] == dataset]
+        transitions[dataset] = sorted(set(zip(rows["source_class"], rows["target_class"],
+                                              strict=True)))
+    widths = [max(3.2, 0.45 * len(transitions[dataset]) + 1.5) for dataset in datasets]
+    figure, axes = plt.subplots(3, len(datasets), squeeze=False, layout="constrained",
+                                width_ratios=widths, figsize=(sum(widths), 9.5))
+    rng = np.random.default_rng(0)  # the same jitter on every rerun
+    for column, dataset in enumerate(datasets):
+        pairs = coherence[coherence["dataset"] == dataset]
+        _slope_panel(axes[0, column], pairs, "ssim", "ssim_shuffled", True,
+                     "consecutive-frame SSIM\n(higher = smoother)")
+        _slope_panel(axes[1, column], pairs, "second_difference", "second_difference_shuffled",
+                     False, "2nd-difference norm, feature space\n(lower = smoother)")
+        axes[0, column].set_title(dataset, pad=14)
+        axis = axes[2, column]
+        rows = summaries[summaries["dataset"] == dataset]
+        names = [_transition(a, b) for a, b in transitions[dataset]]
+        if rows.empty:
+            _note(axis, "no trajectory summaries")
+            continue
+        axis.axhline(0, color=_SOURCE_BAND, linestyle="--", linewidth=1)
+        axis.axhline(1, color=_TARGET_BAND, linestyle="--", linewidth=1)
+        for x, (source, target) in enumerate(transitions[dataset]):
+            path = rows[(rows["source_class"] == source) & (rows["target_class"] == target)]
+            for offset, (measure, marker, colour) in zip(
+                    (-0.17, 0.17), (("landing_count", "o", "#009E73"),
+                                    ("landing_area", "s", "#CC79A7")), strict=True):
+                values = path[measure].dropna()
+                jitter = rng.uniform(-0.07, 0.07, len(values))
+                axis.scatter(x + offset + jitter, values, s=12, marker=marker, color=colour,
+                             alpha=0.75, edgecolors="none")
+                if len(values):
+                    axis.plot([x + offset - 0.12, x + offset + 0.12], [values.median()] * 2,
+                              color="black", linewidth=1.8)
+        axis.set_xticks(range(len(names)), names, rotation=45 if len(names) > 3 else 0,
+                        ha="right" if len(names) > 3 else "center", fontsize=8)
+        axis.set_ylabel("landing of last frame\n(0 = source mean, 1 = target mean)", fontsize=9)
+        axis.grid(axis="y", alpha=0.3)
+    handles = [Line2D([], [], color=_BETTER, label="generated order smoother than shuffled"),
+               Line2D([], [], color=_WORSE, label="not smoother"),
+               Line2D([], [], color="black", linewidth=2, label="median"),
+               Line2D([], [], color="#009E73", marker="o", linestyle="", label="landing: count"),
+               Line2D([], [], color="#CC79A7", marker="s", linestyle="",
+                      label="landing: area fraction"),
+               Line2D([], [], color=_SOURCE_BAND, linestyle="--", label="source-class real mean"),
+               Line2D([], [], color=_TARGET_BAND, linestyle="--", label="target-class real mean")]
+    figure.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False,
+                  fontsize=8)
+    figure.suptitle("Trajectories: temporal coherence against shuffled frames,\n"
+                    "and where the last frame lands")
+    return figure
+
+
+# --- 4-6. trajectory pictures and curves ------------------------------------------------------
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def _picture(axis: Axes, picture: np.ndarray, label: str) -> None:
+    """An image without ticks or frame; unlike set_axis_off, a row label stays visible."""
+    axis.imshow(picture, interpolation="nearest")  # tiles are tiny: show pixels, not blur
+    axis.set_title(label, fontsize=6.5)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+
+
+def trajectory_strips(manifest: pd.DataFrame, frames_dir: Path, source_images: dict[str, Path],
+                      target_examples: dict[str, Path], stem: Path, title: str,
+                      per_transition: int = 3) -> list[Path]:
+    """A row per trajectory: real source, frames (timestep t, soft-label weight w), real target.
+
+    Shows the first ``per_transition`` trajectories (by source id) of each transition.
+    """
+    _require(manifest, ["source_id", "source_class", "target_class", "frame_index", "timestep",
+                        "soft_label_weight", "path"], "trajectory manifest")
+    if per_transition < 1:
+        raise ValueError(f"per_transition must be at least 1, got {per_transition}")
+    chosen = (manifest[["source_class", "target_class", "source_id"]].drop_duplicates()
+              .sort_values(["source_class", "target_class", "source_id"])
+              .groupby(["source_class", "target_class"]).head(per_transition))
+    missing = sorted(set(map(str, chosen["source_id"])) - set(map(str, source_images)))
+    if missing:
+        raise ValueError(f"no source image given for source id(s) {', '.join(missing)}")
+    missing = sorted(set(chosen["target_class"]) - set(target_examples))
+    if missing:
+        raise ValueError(f"no real example given for target class(es) {', '.join(missing)}")
+    sources = {str(key): path for key, path in source_images.items()}
+    trajectories = [manifest[(manifest["source_id"] == source_id)
+                             & (manifest["target_class"] == target)].sort_values("frame_index")
+                    for _, target, source_id in chosen.itertuples(index=False)]
+    columns = 2 + max(len(frames) for frames in trajectories)
+    figure, axes = plt.subplots(len(trajectories), columns, squeeze=False,
+                                figsize=(0.95 * columns + 0.6, 1.15 * len(trajectories) + 0.6))
+    for row, ((source, target, source_id), frames) in enumerate(
+            zip(chosen.itertuples(index=False), trajectories, strict=True)):
+        _picture(axes[row, 0], _read_rgb(sources[str(source_id)]), "source (real)")
+        axes[row, 0].set_ylabel(f"{_transition(source, target)}\n{source_id}", fontsize=7,
+                                rotation=0, ha="right", va="center")
+        for column, frame in enumerate(frames.itertuples(index=False), start=1):
+            _picture(axes[row, column], _read_rgb(Path(frames_dir) / frame.path),
+                     f"t={frame.timestep}\nw={frame.soft_label_weight:.2f}")
+        _picture(axes[row, -1], _read_rgb(target_examples[target]), f"real {target}")
+        for axis in axes[row, len(frames) + 1:-1]:
+            axis.set_axis_off()
+    figure.suptitle(title, fontsize=9)
+    return save_figure(figure, stem)
+
+
+_CURVE_MEASURES = (("nuclei_count", "nuclei per image (count)"),
+                   ("nuclear_area_fraction", "nuclear area fraction\n(nuclear px / all px)"),
+                   ("target_probability", "classifier p(target class)"))
+
+
+def _class_band(real: pd.DataFrame, name: str, measure: str) -> tuple[float, float] | None:
+    values = real.loc[real["label_name"] == name, measure].dropna()
+    return (float(values.quantile(0.25)), float(values.quantile(0.75))) if len(values) else None
+
+
+def cellularity_curves(frames: pd.DataFrame, real: pd.DataFrame, stem: Path,
+                       title: str) -> list[Path]:
+    """Cellularity and target belief along each trajectory, against the real classes' IQRs.
+
+    The bands use the real training split when ``real`` has one, as do the landing positions
+    of the trajectory summary.
+    """
+    _require(frames, ["source_id", "source_class", "target_class", "frame_index",
+                      *(measure for measure, _ in _CURVE_MEASURES)], "trajectory frames table")
+    _require(real, ["label_name", "nuclei_count", "nuclear_area_fraction"],
+             "real cellularity table")
+    if "split" in real.columns and (real["split"] == "train").any():
+        real = real[real["split"] == "train"]
+    transitions = sorted(set(zip(frames["source_class"], frames["target_class"], strict=True)))
+    per_row = min(6, len(transitions))
+    blocks = math.ceil(len(transitions) / per_row)
+    rows = len(_CURVE_MEASURES)
+    figure, axes = plt.subplots(rows * blocks, per_row, squeeze=False, layout="constrained",
+                                figsize=(2.7 * per_row + 0.6, 2.0 * rows * blocks + 1.0))
+    for index, (source, target) in enumerate(transitions):
+        block, column = divmod(index, per_row)
+        path = frames[(frames["source_class"] == source) & (frames["target_class"] == target)]
+        for offset, (measure, label) in enumerate(_CURVE_MEASURES):
+            axis = axes[block * rows + offset, column]
+            for _, trajectory in path.groupby("source_id"):
+                trajectory = trajectory.sort_values("frame_index")
+                axis.plot(trajectory["frame_index"], trajectory[measure], color="0.6",
+                          linewidth=0.6, alpha=0.7)
+            median = path.groupby("frame_index")[measure].median()
+            axis.plot(median.index, median.to_numpy(), color="black", linewidth=2.2)
+            if measure == "target_probability":
+                axis.axhline(0.5, color="0.4", linestyle=":", linewidth=1)
+                axis.set_ylim(0, 1)
+            else:
+                for name, colour in ((source, _SOURCE_BAND), (target, _TARGET_BAND)):
+                    band = _class_band(real, name, measure)
+                    if band:
+                        axis.axhspan(*band, color=colour, alpha=0.25, linewidth=0, zorder=0)
+            if offset == 0:
+                axis.set_title(_transition(source, target), fontsize=9)
+            if column == 0:
+                axis.set_ylabel(label, fontsize=8)
+            if offset == rows - 1:
+                axis.set_xlabel("frame (0 = real source)", fontsize=8)
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+            axis.grid(alpha=0.3)
+    for index in range(len(transitions), blocks * per_row):
+        block, column = divmod(index, per_row)
+        for offset in range(rows):
+            axes[block * rows + offset, column].set_visible(False)
+    for offset in range(rows - 1):  # cellularity rows share a scale so transitions compare
+        shown = [axis for block in range(blocks) for axis in axes[block * rows + offset]
+                 if axis.get_visible()]
+        low = min(axis.get_ylim()[0] for axis in shown)
+        high = max(axis.get_ylim()[1] for axis in shown)
+        for axis in shown:
+            axis.set_ylim(low, high)
+    handles = [Line2D([], [], color="0.6", linewidth=0.8, label="one trajectory"),
+               Line2D([], [], color="black", linewidth=2.2, label="median over trajectories"),
+               Patch(color=_SOURCE_BAND, alpha=0.25, label="real source class: IQR"),
+               Patch(color=_TARGET_BAND, alpha=0.25, label="real target class: IQR"),
+               Line2D([], [], color="0.4", linestyle=":", label="p = 0.5")]
+    figure.legend(handles=handles, loc="outside lower center", ncols=5, frameon=False,
+                  fontsize=8)
+    figure.suptitle(title)
+    return save_figure(figure, stem)
+
+
+def fourier_stairs(fourier: pd.DataFrame, stairs: pd.DataFrame, stem: Path, title: str,
+                   per_transition: int = 3) -> list[Path]:
+    """Fourier measure of the inverted latent by level, with the chosen stairs on each curve.
+
+    Panels are per transition when ``fourier`` has ``source_class``, per target class otherwise.
+    """
+    _require(fourier, ["source_id", "target_class", "level", "measure"], "Fourier table")
+    _require(stairs, ["source_id", "target_class", "frame_index", "stair"], "stairs table")
+    if per_transition < 1:
+        raise ValueError(f"per_transition must be at least 1, got {per_transition}")
+    panel_keys = ["source_class", "target_class"] if "source_class" in fourier else [
+        "target_class"]
+    trajectory_keys = ["source_id", "target_class"]
+    chosen = (fourier[[*panel_keys, "source_id"]].drop_duplicates()
+              .sort_values([*panel_keys, "source_id"]).groupby(panel_keys).head(per_transition))
+    panels = list(chosen.groupby(panel_keys, sort=True))
+    per_row = min(4, len(panels))
+    figure, axes = plt.subplots(math.ceil(len(panels) / per_row), per_row, squeeze=False,
+                                layout="constrained",
+                                figsize=(3.4 * per_row, 2.9 * math.ceil(len(panels) / per_row)
+                                         + 0.6))
+    for axis, (key, members) in zip(axes.flat, panels, strict=False):
+        key = key if isinstance(key, tuple) else (key,)
+        target = key[-1]
+        for index, source_id in enumerate(members["source_id"]):
+            colour = _CLASS_COLOURS[index % len(_CLASS_COLOURS)]
+            curve = fourier[(fourier["source_id"] == source_id)
+                            & (fourier["target_class"] == target)].sort_values("level")
+            axis.plot(curve["level"], curve["measure"], color=colour, linewidth=1,
+                      label=str(source_id))
+            chosen_stairs = stairs[(stairs["source_id"] == source_id)
+                                   & (stairs["target_class"] == target)].merge(
+                curve, left_on=[*trajectory_keys, "stair"],
+                right_on=[*trajectory_keys, "level"])
+            axis.hlines(chosen_stairs["measure"], curve["level"].min(), chosen_stairs["stair"],
+                        color=colour, linestyle=":", linewidth=0.7)
+            axis.plot(chosen_stairs["stair"], chosen_stairs["measure"], linestyle="",
+                      marker="o", markersize=4, color=colour, markeredgecolor="black",
+                      markeredgewidth=0.4)
+        axis.set_title(_transition(*key) if len(key) == 2 else f"→{target}", fontsize=9)
+        axis.set_xlabel("inversion level k", fontsize=8)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylabel("Fourier-magnitude measure\nof inverted latent", fontsize=8)
+        axis.legend(title="source", fontsize=6, title_fontsize=7, frameon=False)
+        axis.grid(alpha=0.3)
+    for axis in axes.flat[len(panels):]:
+        axis.set_visible(False)
+    figure.legend(handles=[Line2D([], [], color="0.3", marker="o", linestyle=":",
+                                  label="chosen stair (dotted: its target measure)")],
+                  loc="outside lower center", frameon=False, fontsize=8)
+    figure.suptitle(title)
+    return save_figure(figure, stem)
+
+
+# --- 7. training ------------------------------------------------------------------------------
+
+def _loss_panel(axis: Axes, log: pd.DataFrame, ylabel: str, title: str) -> None:
+    """Per-step loss (faint) with a moving average, on a log scale when it spans decades."""
+    colour = _style("ddib")[0]
+    axis.plot(log["step"], log["loss"], color=colour, alpha=0.25, linewidth=0.8,
+              label="per step")
+    window = max(1, len(log) // 25)
+    axis.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), color=colour,
+              label=f"mean of {window} steps")
+    if _spans_decades(log["loss"], ratio=30):
+        axis.set_yscale("log")
+    axis.set(xlabel="optimizer step", ylabel=ylabel, title=title)
+    axis.legend(frameon=False, fontsize=8)
+    axis.grid(alpha=0.3)
+
+
+def _run_strategy(key: str) -> str:
+    """The strategy named in a run key such as 'resnet10t / cellflow / seed0'."""
+    parts = [part.strip() for part in key.split("/")]
+    return next((part for part in parts if part in _STYLES),
+                parts[1] if len(parts) > 1 else parts[0])
+
+
+def training_curves(diffusion_log: pd.DataFrame, classifier_log: pd.DataFrame,
+                    accuracy_by_t: pd.DataFrame, downstream_logs: Mapping[str, pd.DataFrame],
+                    stem: Path, title: str) -> list[Path]:
+    """Diffusion and classifier losses, classifier accuracy by timestep, downstream validation."""
+    _require(diffusion_log, ["step", "loss"], "diffusion training log")
+    _require(classifier_log, ["step", "loss"], "classifier training log")
+    _require(accuracy_by_t, ["t_start", "t_end", "accuracy"], "classifier accuracy-by-t table")
+    for key, log in downstream_logs.items():
+        _require(log, ["epoch", "val_balanced_accuracy"], f"downstream log '{key}'")
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), layout="constrained")
+    _loss_panel(axes[0, 0], diffusion_log, "noise-prediction MSE", "diffusion model")
+    _loss_panel(axes[0, 1], classifier_log, "cross-entropy", "noise-aware classifier")
+    axis = axes[1, 0]
+    centres = (accuracy_by_t["t_start"] + accuracy_by_t["t_end"]) / 2
+    axis.errorbar(centres, accuracy_by_t["accuracy"], xerr=(accuracy_by_t["t_end"]
+                                                            - accuracy_by_t["t_start"]) / 2,
+                  marker="o", color=_style("ddib")[0], capsize=0)
+    axis.set(xlabel="diffusion timestep t (noise grows →)", ylabel="validation accuracy",
+             ylim=(0, 1.02), title="classifier accuracy by timestep band")
+    axis.grid(alpha=0.3)
+    axis = axes[1, 1]
+    axis.set_title("downstream classifiers")
+    if not downstream_logs:
+        _note(axis, "no downstream runs given")
+    else:
+        for key, log in sorted(downstream_logs.items()):
+            colour, _ = _style(_run_strategy(key))
+            axis.plot(log["epoch"], log["val_balanced_accuracy"], color=colour, linewidth=1,
+                      alpha=0.8)
+        strategies = _order(_run_strategy(key) for key in downstream_logs)
+        axis.legend(handles=[Line2D([], [], color=_style(name)[0], label=name)
+                             for name in strategies], title="strategy", fontsize=7,
+                    title_fontsize=8, frameon=False, ncols=2)
+        axis.set(xlabel="epoch", ylabel="validation balanced accuracy")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    figure.suptitle(title)
+    return save_figure(figure, stem)
+
+
+# --- 8. runtime -------------------------------------------------------------------------------
+
+def runtime_table(benchmarks: pd.DataFrame, stem: Path, table_stem: Path,
+                  machine: str) -> list[Path]:
+    """Wall time and peak memory per Snakemake rule, always with the machine they ran on.
+
+    A job benchmarked with repeats counts once, with its mean wall time and largest RSS.
+    """
+    _require(benchmarks, ["rule", "job", "s", "max_rss"], "Snakemake benchmark table")
+    # Snakemake writes '-' for memory it could not sample in a very short job.
+    numeric = benchmarks.assign(s=pd.to_numeric(benchmarks["s"], errors="coerce"),
+                                max_rss=pd.to_numeric(benchmarks["max_rss"], errors="coerce"))
+    jobs = numeric.groupby(["rule", "job"]).agg(s=("s", "mean"), max_rss=("max_rss", "max"))
+    per_rule = jobs.groupby(level="rule").agg(
+        jobs=("s", "size"), total_s=("s", "sum"), median_s=("s", "median"), max_s=("s", "max"),
+        max_rss_gib=("max_rss", "max"))
+    per_rule["max_rss_gib"] /= 1024
+    per_rule = per_rule.sort_values("total_s", ascending=False).reset_index()
+    per_rule["machine"] = machine
+    tsv, markdown = _table_paths(table_stem)
+    write_table(tsv, per_rule)
+    shown = pd.DataFrame({
+        "rule": per_rule["rule"], "jobs": per_rule["jobs"],
+        "total wall time": per_rule["total_s"].map(_duration),
+        "median per job": per_rule["median_s"].map(_duration),
+        "max per job": per_rule["max_s"].map(_duration),
+        "max RSS (GiB)": per_rule["max_rss_gib"]})
+    write_markdown_table(
+        shown, markdown, floatfmt=".2f",
+        caption=f"Runtime per rule on {machine}: {len(jobs)} jobs, "
+                f"{_duration(per_rule['total_s'].sum())} wall time in total (summed over jobs, "
+                "whether or not they ran in parallel). RSS: peak resident memory of one job.")
+
+    figure, axis = plt.subplots(figsize=(7.5, 0.32 * len(per_rule) + 1.6), layout="constrained")
+    ordered = per_rule.iloc[::-1]  # longest at the top
+    axis.barh(ordered["rule"], ordered["total_s"], color=_style("ddib")[0])
+    if _spans_decades(ordered["total_s"]):
+        axis.set_xscale("log")
+    for y, (total, count) in enumerate(zip(ordered["total_s"], ordered["jobs"], strict=True)):
+        axis.annotate(f" {count} job{'s' if count != 1 else ''}, {_duration(total)}",
+                      (total if pd.notna(total) else 0, y), va="center", fontsize=7)
+    axis.margins(x=0.25)
+    axis.set(xlabel="total wall-clock time over the rule's jobs (s)", ylabel="Snakemake rule")
+    axis.grid(axis="x", alpha=0.3)
+    axis.set_title(f"Wall time per rule — {machine}", fontsize=10)
+    return [tsv, markdown, *save_figure(figure, stem)]
+
+
+# --- 9. cellularity validation ----------------------------------------------------------------
+
+# validate_against_ground_truth names its columns after the measures; accept both spellings.
+_VALIDATION_NAMES = {"nuclei_count": "estimated_count", "true_nuclei_count": "true_count",
+                     "nuclear_area_fraction": "estimated_area_fraction",
+                     "true_nuclear_area_fraction": "true_area_fraction"}
+
+
+def cellularity_validation(table: pd.DataFrame, summary: Mapping[str, Any], stem: Path,
+                           title: str) -> list[Path]:
+    """Estimated against ground-truth nuclei count and area fraction, coloured by class.
+
+    ``table`` may also name its columns as ``cellularity.validate_against_ground_truth`` does
+    (``nuclei_count``, ``true_nuclei_count``, ...), and ``summary`` count images as ``images``.
+    """
+    table = table.rename(columns={old: new for old, new in _VALIDATION_NAMES.items()
+                                  if new not in table.columns})
+    _require(table, ["label_name", "true_count", "estimated_count", "true_area_fraction",
+                     "estimated_area_fraction"], "cellularity validation table")
+    missing = [key for key in ("spearman_count", "spearman_area_fraction") if key not in summary]
+    if missing:
+        raise ValueError(f"cellularity validation summary lacks {', '.join(missing)}")
+    classes = sorted(table["label_name"].unique())
+    figure, axes = plt.subplots(1, 2, figsize=(9.5, 4.6), layout="constrained")
+    for axis, (true, estimated, label, rho) in zip(axes, (
+            ("true_count", "estimated_count", "nuclei count per image", "spearman_count"),
+            ("true_area_fraction", "estimated_area_fraction", "nuclear area fraction",
+             "spearman_area_fraction")), strict=True):
+        for index, name in enumerate(classes):
+            rows = table[table["label_name"] == name]
+            axis.scatter(rows[true], rows[estimated], s=14, alpha=0.75, edgecolors="none",
+                         color=_CLASS_COLOURS[index % len(_CLASS_COLOURS)], label=name)
+        values = pd.concat([table[true], table[estimated]]).dropna()
+        low, high = float(values.min()), float(values.max())
+        pad = 0.05 * (high - low or 1.0)
+        axis.plot([low - pad, high + pad], [low - pad, high + pad], color="black",
+                  linestyle="--", linewidth=0.8, label="identity (y = x)")
+        axis.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad), aspect="equal",
+                 xlabel=f"ground truth: {label}", ylabel=f"estimated: {label}",
+                 title=f"{label}: Spearman ρ = {summary[rho]:.3f}")
+        axis.grid(alpha=0.3)
+    axes[0].legend(title="class", fontsize=7, title_fontsize=8, frameon=False)
+    images = summary.get("n_images", summary.get("images", len(table)))
+    figure.suptitle(f"{title} (n = {images:.0f} images)")
+    return save_figure(figure, stem)
+
+
+# --- training diagnostics, written by the pipeline's stages ------------------------------------
 
 def plot_loss_curve(log: pd.DataFrame, path: Path, title: str) -> None:
     """Per-step loss (faint) with a moving average, on a log scale when it spans decades."""
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.plot(log["step"], log["loss"], color="tab:blue", alpha=0.25, linewidth=0.8,
-              label="per step")
-    window = max(1, len(log) // 25)
-    axis.plot(log["step"], log["loss"].rolling(window, min_periods=1).mean(), color="tab:blue",
-              label=f"mean of {window} steps")
-    positive = log["loss"][log["loss"] > 0]
-    if len(positive) and positive.max() / positive.min() > 30:
-        axis.set_yscale("log")
-    axis.set(xlabel="optimizer step", ylabel="loss", title=title)
-    axis.legend(frameon=False)
-    axis.grid(alpha=0.3)
+    _loss_panel(axis, log, "loss", title)
     _save(figure, path)
 
 
@@ -55,6 +950,9 @@ def plot_accuracy_by_timestep(table: pd.DataFrame, chance: float, path: Path, ti
 
 def save_sample_grid(samples: torch.Tensor, rows: int, path: Path) -> None:
     """Images in [-1, 1] laid out ``rows`` x (N / rows), one row per class."""
+    # Imported here: the benchmark figures and tables should not pay for loading torch.
+    from torchvision.utils import make_grid
+
     grid = make_grid((samples.float().cpu() + 1) / 2, nrow=len(samples) // rows, padding=2,
                      pad_value=1.0)
     array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -72,9 +970,6 @@ def save_trajectory_strip(sources: list[np.ndarray], frames: list[np.ndarray],
         pictures = [sources[row], *frames[row], target_example]
         labels = ["source", *(f"τ={s}" for s in stairs[row]), "real target"]
         for column, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
-            axis = axes[row, column]
-            axis.imshow(picture, interpolation="nearest")
-            axis.set_title(label, fontsize=7)
-            axis.set_axis_off()
+            _picture(axes[row, column], picture, label)
     figure.suptitle(title, fontsize=9)
     _save(figure, path)

@@ -51,6 +51,12 @@ def test_defaults_are_filled_in():
          "datasets.synthetic: 'root' is a required property"),
         (lambda c: c.update(only_datasets=["mhist"]), "only_datasets: unknown dataset 'mhist'"),
         (lambda c: c["datasets"].update({"bad/name": c["datasets"]["synthetic"]}), "bad/name"),
+        (lambda c: c["downstream"]["strategies"].pop("none"),
+         "evaluation.feature_network: needs the downstream strategy 'none'"),
+        (lambda c: c.update(evaluation={"feature_network": {"backbone": "vit_small"}}),
+         "evaluation.feature_network.backbone: 'vit_small' is not one of downstream.backbones"),
+        (lambda c: c.update(evaluation={"cellularity": {"treshold_floor": 0.1}}),
+         "evaluation.cellularity.treshold_floor: unknown key (did you mean 'threshold_floor'?)"),
     ],
 )
 def test_errors_name_the_file_and_the_key(edit, expected):
@@ -60,6 +66,15 @@ def test_errors_name_the_file_and_the_key(edit, expected):
         validate_config(config, source="config/mine.yaml")
     assert "config/mine.yaml" in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_cellularity_defaults_of_the_schema_are_the_estimators():
+    from dataclasses import asdict
+
+    from cellflow.cellularity import CellularityConfig
+
+    filled = validate_config(demo())["evaluation"]["cellularity"]
+    assert filled == asdict(CellularityConfig())
 
 
 def test_load_config_names_a_missing_or_broken_file(tmp_path):

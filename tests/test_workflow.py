@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +33,7 @@ def job_counts(output: str) -> dict[str, int]:
     counts = {}
     for line in table.splitlines()[3:]:
         rule, _, count = line.rpartition(" ")
-        if count.isdigit():
+        if count.isdigit() and rule.strip() != "total":
             counts[rule.strip()] = int(count)
     return counts
 
@@ -100,7 +102,8 @@ def test_every_rule_declares_log_benchmark_threads_and_resources():
             resource_settings=ResourceSettings(),
             config_settings=ConfigSettings(configfiles=[REPO / "config" / "config.yaml"]),
         )
-        rules = [rule for rule in workflow_api._workflow.rules if rule.name != "all"]
+        targets = {"all", "figures"}  # rules that only name files to build
+        rules = [rule for rule in workflow_api._workflow.rules if rule.name not in targets]
     assert rules
     for rule in rules:
         assert rule.log, f"rule {rule.name} has no log"
@@ -120,11 +123,19 @@ def test_lint_and_format_are_clean():
     assert ruff.returncode == 0, ruff.stdout
 
 
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny demo run once for this module: (working directory, config file)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    config = tiny_demo_config(workdir)
+    snakemake(workdir, "--cores", "2", "--configfile", str(config))
+    return workdir, config
+
+
 @pytest.mark.slow
-def test_demo_pipeline_end_to_end(tmp_path):
-    config = tiny_demo_config(tmp_path)
-    snakemake(tmp_path, "--cores", "2", "--configfile", str(config))
-    data = tmp_path / "results" / "synthetic" / "data"
+def test_demo_pipeline_end_to_end(demo_run, tmp_path):
+    workdir, config = demo_run
+    data = workdir / "results" / "synthetic" / "data"
     manifest = pd.read_csv(data / "manifest.tsv", sep="\t", keep_default_na=False)
     assert len(manifest) == 24
     assert set(manifest["split"]) == {"train", "val", "test"}
@@ -135,35 +146,111 @@ def test_demo_pipeline_end_to_end(tmp_path):
     # the generator's progression bands survive into the manifest, class by class
     bands = manifest.groupby("label")["progression"].agg(["min", "max"])
     assert (bands["max"].iloc[:-1].to_numpy() <= bands["min"].iloc[1:].to_numpy()).all()
-    assert (tmp_path / "logs" / "synthetic" / "prepare_data.log").is_file()
-    assert (tmp_path / "results" / "synthetic" / "benchmarks" / "prepare_data.tsv").is_file()
-    models = tmp_path / "results" / "synthetic" / "models"
+    assert (workdir / "logs" / "synthetic" / "prepare_data.log").is_file()
+    assert (workdir / "results" / "synthetic" / "benchmarks" / "prepare_data.tsv").is_file()
+    models = workdir / "results" / "synthetic" / "models"
     assert (models / "diffusion" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (models / "classifier" / "classifier" / "config.json").is_file()
     assert len(pd.read_csv(models / "diffusion" / "train_log.csv")) == 3
-    trajectories = tmp_path / "results" / "synthetic" / "trajectories"
+    trajectories = workdir / "results" / "synthetic" / "trajectories"
     cellflow = pd.read_csv(trajectories / "cellflow" / "manifest.tsv", sep="\t")
     assert len(cellflow) == 2 * 2 * 2  # transitions x sources x frames
     assert len(pd.read_csv(trajectories / "ddib" / "manifest.tsv", sep="\t")) == 2
     assert len(pd.read_csv(trajectories / "adm" / "manifest.tsv", sep="\t")) == 3
     assert (trajectories / "cellflow" / "strips" / "normal-to-hyperplastic.png").is_file()
-    summary = pd.read_csv(tmp_path / "results" / "synthetic" / "downstream" / "summary.tsv",
+    summary = pd.read_csv(workdir / "results" / "synthetic" / "downstream" / "summary.tsv",
                           sep="\t")
     assert set(summary["strategy"]) == {"none", "cellflow"}
-    benchmark = pd.read_csv(tmp_path / "results" / "benchmark.tsv", sep="\t")
+    benchmark = pd.read_csv(workdir / "results" / "benchmark.tsv", sep="\t")
     assert len(benchmark) == len(summary)
-    checkpoints = tmp_path / "results" / "synthetic" / "checkpoints" / "diffusion"
+    checkpoints = workdir / "results" / "synthetic" / "checkpoints" / "diffusion"
     assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-0000002", "step-0000003"]
     # a second run has nothing to do
-    again = snakemake(tmp_path, "--cores", "2", "--configfile", str(config), "-n")
+    again = snakemake(workdir, "--cores", "2", "--configfile", str(config), "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
     # changing a diffusion setting reruns that model only
     override = tmp_path / "faster.yaml"
     override.write_text("diffusion: {train: {learning_rate: 0.002}}\n")
-    changed = snakemake(tmp_path, "--cores", "2", "-n", "--configfile", str(config),
+    changed = snakemake(workdir, "--cores", "2", "-n", "--configfile", str(config),
                         str(override))
-    assert "train_diffusion" in changed.stdout
-    assert "train_classifier" not in changed.stdout and "prepare_data" not in changed.stdout
+    rerun = job_counts(changed.stdout)
+    assert "train_diffusion" in rerun
+    assert "train_classifier" not in rerun and "prepare_data" not in rerun
+
+
+@pytest.mark.slow
+def test_demo_evaluation_tables(demo_run):
+    workdir, _ = demo_run
+    evaluation = workdir / "results" / "synthetic" / "evaluation"
+    real = pd.read_csv(evaluation / "cellularity" / "real.tsv", sep="\t")
+    assert len(real) == 24 and (real["nuclear_area_fraction"].between(0, 1)).all()
+    fidelity = pd.read_csv(evaluation / "fidelity" / "cellflow.tsv", sep="\t")
+    assert fidelity["class"].tolist() == ["all", "normal", "hyperplastic", "neoplastic"]
+    assert {"fid_domain", "kid_domain_mean", "n_real", "n_generated", "kid_subset_size"} <= set(
+        fidelity.columns)
+    assert not any("inception" in column for column in fidelity.columns)
+    assert fidelity.loc[0, "n_generated"] == 8
+    summary = pd.read_csv(evaluation / "trajectories" / "summary.tsv", sep="\t")
+    assert len(summary) == 4  # transitions x sources
+    assert summary["target_probability_last"].between(0, 1).all()
+    frames = pd.read_csv(evaluation / "trajectories" / "frames.tsv", sep="\t")
+    assert len(frames) == 4 * 3  # the source image and two frames per trajectory
+    coherence = pd.read_csv(evaluation / "coherence.tsv", sep="\t")
+    assert len(coherence) == 4 and coherence["ssim"].between(-1, 1).all()
+    validation = json.loads((evaluation / "cellularity_validation.json").read_text())
+    assert validation["images"] == 24
+
+
+FIGURES = ["classification", "fidelity", "trajectories", "runtimes",
+           "synthetic/training_curves", "synthetic/trajectory_strips",
+           "synthetic/cellularity_curves", "synthetic/fourier_stairs",
+           "synthetic/cellularity_validation"]
+
+
+@pytest.mark.slow
+def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_run, tmp_path):
+    workdir, config = demo_run
+    for name in FIGURES:
+        for suffix in (".png", ".pdf"):
+            assert (workdir / "results" / "figures" / f"{name}{suffix}").is_file(), name
+    for table in ("classification", "fidelity", "trajectories", "runtimes"):
+        for suffix in (".tsv", ".md"):
+            assert (workdir / "results" / "figures" / "tables" / f"{table}{suffix}").is_file()
+    # a results tree moved elsewhere (no .snakemake metadata), its figures deleted
+    shutil.copytree(workdir / "results", tmp_path / "results")
+    shutil.rmtree(tmp_path / "results" / "figures")
+    redraw = snakemake(tmp_path, "figures", "--cores", "2", "--configfile", str(config))
+    ran = job_counts(redraw.stdout + redraw.stderr)
+    assert ran and all(rule.startswith("figure") for rule in ran), ran  # figure_* + figures
+    assert (tmp_path / "results" / "figures" / "synthetic" / "fourier_stairs.pdf").is_file()
+
+
+def rewrite_table(path: Path, column: str) -> None:
+    """Change one column of a results table, as a rerun or a corrected analysis would."""
+    table = pd.read_csv(path, sep="\t")
+    table[column] = table[column] * 0.5
+    table.to_csv(path, sep="\t", index=False)
+
+
+@pytest.mark.slow
+def test_a_changed_table_reruns_only_the_figures_that_read_it(demo_run):
+    workdir, config = demo_run
+    rewrite_table(workdir / "results" / "synthetic" / "evaluation" / "coherence.tsv", "ssim")
+    plan = snakemake(workdir, "-n", "--configfile", str(config))
+    assert set(job_counts(plan.stdout)) == {"figure_trajectories", "all"}
+    rewrite_table(workdir / "results" / "benchmark.tsv", "mean")
+    plan = snakemake(workdir, "figures", "-n", "--configfile", str(config))
+    assert set(job_counts(plan.stdout)) == {"figure_trajectories", "figure_classification",
+                                            "figures"}
+
+
+@pytest.mark.slow
+def test_the_report_command_builds_a_browsable_report(demo_run):
+    workdir, config = demo_run
+    report = workdir / "report.html"
+    snakemake(workdir, "--configfile", str(config), "--report", str(report))
+    html = report.read_text()
+    assert "cellularity_curves.png" in html and "classification.png" in html
 
 
 def test_readme_rule_graph_shows_every_rule(tmp_path):

@@ -7,7 +7,7 @@ import re
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from cellflow.config import dataset_configs, validate_config
+from cellflow.config import dataset_configs, feature_network_run, validate_config
 
 # Jobs import this checkout's package whatever environment runs them (venv, --sdm conda, a
 # cluster node), so code and workflow never come from two different versions.
@@ -44,6 +44,9 @@ def choice(names):
 
 DOWNSTREAM = config["downstream"]
 GENERATIVE_STRATEGIES = ("cellflow", "ddib", "adm")
+# What the evaluation rules measure: the real images, or one generative method's.
+IMAGE_SETS = ("real", *GENERATIVE_STRATEGIES)
+FEATURE_BACKBONE, FEATURE_SEED = feature_network_run(config)
 
 
 wildcard_constraints:
@@ -51,6 +54,7 @@ wildcard_constraints:
     backbone=choice(DOWNSTREAM["backbones"]),
     strategy=choice(DOWNSTREAM["strategies"]),
     seed=r"\d+",
+    image_set=choice(IMAGE_SETS),
 
 
 def attempt_scaled(base):
@@ -123,11 +127,16 @@ def generation_spec(wildcards):
     )
 
 
+def generative_methods(dataset):
+    """ADM samples every dataset; trajectories and DDIB need transitions."""
+    return ["adm"] + (["cellflow", "ddib"] if DATASETS[dataset].transitions else [])
+
+
 def generation_outputs(dataset):
-    methods = ["adm"]
-    if DATASETS[dataset].transitions:
-        methods += ["cellflow", "ddib"]
-    return [f"results/{dataset}/trajectories/{method}" for method in methods]
+    return [
+        f"results/{dataset}/trajectories/{method}"
+        for method in generative_methods(dataset)
+    ]
 
 
 def downstream_inputs(wildcards):
@@ -167,13 +176,68 @@ def downstream_runs(wildcards):
     ]
 
 
+def feature_network_weights(wildcards):
+    """The in-domain feature space: the downstream network trained on real images only."""
+    return (
+        f"results/{wildcards.dataset}/downstream/{FEATURE_BACKBONE}/none/"
+        f"seed{FEATURE_SEED}/model.safetensors"
+    )
+
+
+def evaluation_spec(wildcards):
+    return json.dumps(
+        {
+            "dataset_name": wildcards.dataset,
+            "dataset": config["datasets"][wildcards.dataset],
+            "evaluation": config["evaluation"],
+            "feature_network": [FEATURE_BACKBONE, FEATURE_SEED],
+            "seed": config["seed"],
+        },
+        sort_keys=True,
+    )
+
+
+def image_set_inputs(wildcards):
+    """The data manifest, and for a generative method the folder of its images."""
+    inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
+    if wildcards.image_set != "real":
+        inputs["generated"] = (
+            f"results/{wildcards.dataset}/trajectories/{wildcards.image_set}"
+        )
+    return inputs
+
+
+def generated_argument(wildcards, input):
+    return f"--generated {input.generated}" if "generated" in input.keys() else ""
+
+
+def evaluation_outputs(dataset):
+    image_sets = ["real", *generative_methods(dataset)]
+    outputs = [
+        f"results/{dataset}/evaluation/{table}/{image_set}.tsv"
+        for table in ("cellularity", "fidelity")
+        for image_set in image_sets
+    ]
+    if dataset in SYNTHETIC_DATASETS:
+        outputs.append(f"results/{dataset}/evaluation/cellularity_validation.tsv")
+    if DATASETS[dataset].transitions:
+        outputs += [
+            f"results/{dataset}/evaluation/trajectories/summary.tsv",
+            f"results/{dataset}/evaluation/coherence.tsv",
+        ]
+    return outputs
+
+
 def final_outputs():
     """Everything `snakemake` builds by default, for the selected datasets."""
     return [
         path
         for name in DATASETS
-        for path in data_outputs(name) + model_outputs(name) + generation_outputs(name)
-    ] + ["results/benchmark.tsv"]
+        for path in data_outputs(name)
+        + model_outputs(name)
+        + generation_outputs(name)
+        + evaluation_outputs(name)
+    ] + ["results/benchmark.tsv", *figure_outputs()]
 
 
 def training_spec(model):
@@ -200,3 +264,70 @@ def python_launcher(model):
     if gpus > 1:
         return f"accelerate launch --multi_gpu --num_processes {gpus} -m"
     return "python -m"
+
+
+def stem(key):
+    """An output path without its suffix: the figure functions add .png/.pdf, .tsv/.md."""
+
+    def path(wildcards, output):
+        return os.path.splitext(output[key])[0]
+
+    return path
+
+
+def trajectory_datasets():
+    return [name for name in DATASETS if DATASETS[name].transitions]
+
+
+def dataset_figure_outputs(dataset):
+    names = ["training_curves"]
+    if DATASETS[dataset].transitions:
+        names += ["trajectory_strips", "cellularity_curves", "fourier_stairs"]
+    if dataset in SYNTHETIC_DATASETS:
+        names.append("cellularity_validation")
+    return [f"results/figures/{dataset}/{name}.png" for name in names]
+
+
+def figure_outputs():
+    summaries = ["classification", "fidelity", "runtimes"]
+    if trajectory_datasets():
+        summaries.append("trajectories")
+    return [f"results/figures/{name}.png" for name in summaries] + [
+        path for dataset in DATASETS for path in dataset_figure_outputs(dataset)
+    ]
+
+
+def job_benchmarks(wildcards):
+    """The benchmark file of every job that computes something (figure jobs excluded)."""
+    files = [rules.benchmark_table.benchmark]
+    for dataset in DATASETS:
+        per_dataset = [
+            rules.prepare_data,
+            rules.train_diffusion,
+            rules.train_classifier,
+            rules.baseline_adm,
+            rules.summarize_downstream,
+        ]
+        if dataset in SYNTHETIC_DATASETS:
+            per_dataset += [rules.synthesize_dataset, rules.validate_cellularity]
+        if DATASETS[dataset].transitions:
+            per_dataset += [
+                rules.trajectories,
+                rules.baseline_ddib,
+                rules.analyse_trajectories,
+                rules.temporal_coherence,
+            ]
+        files += [rule.benchmark.format(dataset=dataset) for rule in per_dataset]
+        files += expand(
+            rules.train_downstream.benchmark,
+            dataset=dataset,
+            backbone=DOWNSTREAM["backbones"],
+            strategy=DOWNSTREAM["strategies"],
+            seed=DOWNSTREAM["seeds"],
+        )
+        files += expand(
+            [rules.measure_cellularity.benchmark, rules.fidelity.benchmark],
+            dataset=dataset,
+            image_set=["real", *generative_methods(dataset)],
+        )
+    return files

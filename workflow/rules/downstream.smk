@@ -11,7 +11,7 @@ rule train_downstream:
     log:
         "logs/{dataset}/downstream/{backbone}-{strategy}-seed{seed}.log",
     benchmark:
-        "results/{dataset}/benchmarks/downstream/{backbone}-{strategy}-seed{seed}.tsv"
+        "results/{dataset}/benchmarks/train_downstream/{backbone}-{strategy}-seed{seed}.tsv"
     conda:
         "../../environment.yaml"
     threads: 4

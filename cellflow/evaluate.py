@@ -1,0 +1,250 @@
+"""Evaluation stages: fidelity, cellularity, trajectory analysis and temporal coherence.
+
+Each function reads the pipeline's tables and images (data manifest, generation manifests) and
+returns a table; the CLI writes it. A trajectory is the real source image (frame 0) followed by
+its generated frames 1..N, identified by (source_id, target_class).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import stats
+from tqdm import tqdm
+
+from cellflow.cellularity import CellularityConfig, measure_images
+
+if TYPE_CHECKING:  # the cellularity jobs need neither torch nor the models: they start faster
+    import torch
+
+    from cellflow.classifier import NoiseAwareClassifier
+    from cellflow.metrics import FeatureSpace
+
+log = logging.getLogger(__name__)
+
+MEASURES = ["nuclei_count", "nuclear_area_fraction", "mean_nuclear_area"]
+TRAJECTORY_KEYS = ["source_id", "source_class", "target_class"]
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+
+
+def load_images(root: Path, paths: Sequence[str]) -> np.ndarray:
+    """uint8 (N, 3, H, W) images; a file that cannot be read is named in the error."""
+    arrays = []
+    for relative in paths:
+        path = root / relative
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot read image ({err})") from None
+    if not arrays:
+        return np.zeros((0, 3, 1, 1), np.uint8)
+    return np.stack(arrays)
+
+
+def hard_class(manifest: pd.DataFrame) -> pd.Series:
+    """The class a generated image counts as: its target once the target weight reaches 1/2."""
+    return manifest["target_class"].where(manifest["soft_label_weight"] >= 0.5,
+                                          manifest["source_class"])
+
+
+def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path | None,
+             classes: Sequence[str], spaces: Sequence[FeatureSpace], kid_subset_size: int,
+             kid_subsets: int, seed: int, device: torch.device) -> pd.DataFrame:
+    """FID/KID of a method's images against the real training images, overall and per class.
+
+    ``method == "real"`` compares the held-out real test images instead: the value a perfect
+    generator would reach with this many images, the floor to read the others against.
+    """
+    from cellflow.metrics import fid_kid
+
+    manifest = read_table(data_manifest)
+    real = manifest[manifest["split"] == "train"]
+    if method == "real":
+        other_root, other = data_manifest.parent, manifest[manifest["split"] == "test"]
+        other_classes = other["label_name"]
+    else:
+        other_root = generated_dir
+        other = read_table(generated_dir / "manifest.tsv")
+        other_classes = hard_class(other)
+    features = {}
+    for space in spaces:
+        log.info("%s: %s features of %d real and %d %s images", dataset, space.name, len(real),
+                 len(other), method)
+        features[space.name] = (
+            space.features(load_images(data_manifest.parent, real["path"]), device=device),
+            space.features(load_images(other_root, other["path"]), device=device))
+    rows = []
+    for name in ["all", *classes]:
+        real_mask = np.ones(len(real), bool) if name == "all" else (real["label_name"] == name)
+        other_mask = (np.ones(len(other), bool) if name == "all"
+                      else (other_classes == name).to_numpy())
+        row = {"dataset": dataset, "method": method, "class": name,
+               "feature_network": "; ".join(space.description for space in spaces)}
+        for space in spaces:
+            real_features, other_features = features[space.name]
+            scores = fid_kid(real_features[np.asarray(real_mask)],
+                             other_features[other_mask], kid_subset_size, kid_subsets, seed)
+            row.update(n_real=scores["n_real"], n_generated=scores["n_generated"],
+                       kid_subset_size=scores["kid_subset_size"])
+            row.update({f"fid_{space.name}": scores["fid"],
+                        f"kid_{space.name}_mean": scores["kid_mean"],
+                        f"kid_{space.name}_std": scores["kid_std"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cellularity(source: str, data_manifest: Path, generated_dir: Path | None,
+                config: CellularityConfig) -> pd.DataFrame:
+    """Nuclei count, area fraction and mean area of every real (or one method's) image."""
+    if source == "real":
+        root, table = data_manifest.parent, read_table(data_manifest)
+        table = table[["id", "path", "label_name", "split"]]
+    else:
+        root, table = generated_dir, read_table(generated_dir / "manifest.tsv")
+    measured = measure_images([root / path for path in table["path"]], config,
+                              progress_desc=f"cellularity of {source} images")
+    return pd.concat([table.reset_index(drop=True),
+                      measured[MEASURES].reset_index(drop=True)], axis=1)
+
+
+def clean_class_probabilities(classifier: NoiseAwareClassifier, images: np.ndarray,
+                              device: torch.device, batch_size: int = 64) -> np.ndarray:
+    """Softmax of the noise-aware classifier at t = 0 (noise-free images)."""
+    import torch
+
+    from cellflow.training import to_model_range
+
+    classifier = classifier.to(device).eval()
+    chunks = []
+    with torch.no_grad():
+        for first in range(0, len(images), batch_size):
+            batch = to_model_range(torch.from_numpy(images[first:first + batch_size])).to(device)
+            logits = classifier(batch, torch.zeros(len(batch), dtype=torch.long, device=device))
+            chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(chunks).numpy()
+
+
+def trajectory_frames(real_cellularity: pd.DataFrame, generated_cellularity: pd.DataFrame
+                      ) -> pd.DataFrame:
+    """One row per frame, the real source image first (frame 0, stair 0)."""
+    generated = generated_cellularity.copy()
+    sources = real_cellularity.set_index("id").loc[generated["source_id"].unique()]
+    starts = (generated.drop_duplicates(["source_id", "target_class"])
+              .drop(columns=[*MEASURES, "path"]).copy())
+    starts[MEASURES] = sources.loc[starts["source_id"], MEASURES].to_numpy()
+    starts["path"] = sources.loc[starts["source_id"], "path"].to_numpy()
+    starts[["frame_index", "stair", "timestep", "soft_label_weight"]] = 0
+    starts["is_source"] = True
+    generated["is_source"] = False
+    frames = pd.concat([starts, generated], ignore_index=True)
+    return frames.sort_values([*TRAJECTORY_KEYS, "frame_index"], ignore_index=True)
+
+
+def _towards_fraction(values: np.ndarray, target_mean: float) -> float:
+    distance = np.abs(values - target_mean)
+    return float(np.mean(distance[1:] < distance[:-1]))
+
+
+def _landing(value: float, source_mean: float, target_mean: float) -> float:
+    span = target_mean - source_mean
+    return float((value - source_mean) / span) if span else float("nan")
+
+
+def _spearman(values: np.ndarray) -> float:
+    if np.ptp(values) == 0:
+        return float("nan")  # a constant measure has no rank correlation
+    return float(stats.spearmanr(np.arange(len(values)), values).statistic)
+
+
+def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
+                           ) -> pd.DataFrame:
+    """Per trajectory: monotonicity and direction of cellularity, where it ends, target belief.
+
+    ``landing_*`` places the last frame on the line from the source class's real training mean
+    (0) to the target class's (1); ``towards_target_fraction`` is the share of steps that bring
+    the nuclei count closer to the target class's real mean.
+    """
+    means = (real_cellularity[real_cellularity["split"] == "train"]
+             .groupby("label_name")[MEASURES].mean())
+    rows = []
+    for (source_id, source_class, target_class), path in frames.groupby(TRAJECTORY_KEYS,
+                                                                         sort=True):
+        path = path.sort_values("frame_index")
+        count, area = path["nuclei_count"].to_numpy(float), \
+            path["nuclear_area_fraction"].to_numpy(float)
+        probability = path["target_probability"].to_numpy(float)
+        rows.append({
+            "source_id": source_id, "source_class": source_class, "target_class": target_class,
+            "frames": len(path) - 1,
+            "count_spearman": _spearman(count), "area_spearman": _spearman(area),
+            "towards_target_fraction": _towards_fraction(
+                count, means.at[target_class, "nuclei_count"]),
+            "towards_target_fraction_area": _towards_fraction(
+                area, means.at[target_class, "nuclear_area_fraction"]),
+            "landing_count": _landing(count[-1], means.at[source_class, "nuclei_count"],
+                                      means.at[target_class, "nuclei_count"]),
+            "landing_area": _landing(area[-1], means.at[source_class, "nuclear_area_fraction"],
+                                     means.at[target_class, "nuclear_area_fraction"]),
+            "target_probability_first": float(probability[0]),
+            "target_probability_last": float(probability[-1]),
+            "target_probability_spearman": _spearman(probability),
+        })
+    return pd.DataFrame(rows)
+
+
+def analyse_trajectories(data_manifest: Path, real_cellularity: pd.DataFrame,
+                         generated_cellularity: pd.DataFrame, trajectories_dir: Path,
+                         classifier: NoiseAwareClassifier, classes: Sequence[str],
+                         device: torch.device) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The per-frame table (cellularity, classifier target probability) and its summary."""
+    frames = trajectory_frames(real_cellularity, generated_cellularity)
+    roots = np.where(frames["is_source"], str(data_manifest.parent), str(trajectories_dir))
+    images = np.stack([load_images(Path(root), [path])[0]
+                       for root, path in zip(roots, frames["path"], strict=True)])
+    probabilities = clean_class_probabilities(classifier, images, device)
+    target = frames["target_class"].map({name: index for index, name in enumerate(classes)})
+    frames["target_probability"] = probabilities[np.arange(len(frames)), target.to_numpy()]
+    return frames, summarise_trajectories(frames, real_cellularity)
+
+
+def temporal_coherence(data_manifest: Path, trajectories_dir: Path, space: FeatureSpace,
+                       shuffles: int, seed: int, device: torch.device) -> pd.DataFrame:
+    """Frame-to-frame SSIM and feature-space second differences, against shuffled frames.
+
+    The control reorders the same frames at random: a trajectory that changes gradually has
+    higher consecutive SSIM and smaller second differences than its shuffled copies.
+    """
+    from cellflow.metrics import consecutive_ssim, second_difference, shuffled_control
+
+    sources = read_table(data_manifest).set_index("id")["path"]
+    generated = read_table(trajectories_dir / "manifest.tsv")
+    rng = np.random.default_rng(seed)
+    rows = []
+    groups = generated.groupby(TRAJECTORY_KEYS, sort=True)
+    for (source_id, source_class, target_class), path in tqdm(
+            groups, desc="temporal coherence", unit="trajectory"):
+        path = path.sort_values("frame_index")
+        images = np.concatenate([load_images(data_manifest.parent, [sources[source_id]]),
+                                 load_images(trajectories_dir, path["path"])])
+        pictures = list(images.transpose(0, 2, 3, 1))
+        features = space.features(images, device=device).numpy()
+        rows.append({
+            "source_id": source_id, "source_class": source_class, "target_class": target_class,
+            "frames": len(path),
+            "ssim": consecutive_ssim(pictures),
+            "ssim_shuffled": shuffled_control(pictures, consecutive_ssim, shuffles, rng),
+            "second_difference": second_difference(features),
+            "second_difference_shuffled": shuffled_control(features, second_difference,
+                                                           shuffles, rng),
+        })
+    return pd.DataFrame(rows)
