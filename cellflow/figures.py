@@ -881,31 +881,23 @@ def runtime_table(benchmarks: pd.DataFrame, stem: Path, table_stem: Path,
 
 # --- 9. cellularity validation ----------------------------------------------------------------
 
-# validate_against_ground_truth names its columns after the measures; accept both spellings.
-_VALIDATION_NAMES = {"nuclei_count": "estimated_count", "true_nuclei_count": "true_count",
-                     "nuclear_area_fraction": "estimated_area_fraction",
-                     "true_nuclear_area_fraction": "true_area_fraction"}
-
-
 def cellularity_validation(table: pd.DataFrame, summary: Mapping[str, Any], stem: Path,
                            title: str) -> list[Path]:
     """Estimated against ground-truth nuclei count and area fraction, coloured by class.
 
-    ``table`` may also name its columns as ``cellularity.validate_against_ground_truth`` does
-    (``nuclei_count``, ``true_nuclei_count``, ...), and ``summary`` count images as ``images``.
+    ``table`` and ``summary`` are what ``cellularity.validate_against_ground_truth`` returns.
     """
-    table = table.rename(columns={old: new for old, new in _VALIDATION_NAMES.items()
-                                  if new not in table.columns})
-    _require(table, ["label_name", "true_count", "estimated_count", "true_area_fraction",
-                     "estimated_area_fraction"], "cellularity validation table")
+    _require(table, ["label_name", "true_nuclei_count", "nuclei_count",
+                     "true_nuclear_area_fraction", "nuclear_area_fraction"],
+             "cellularity validation table")
     missing = [key for key in ("spearman_count", "spearman_area_fraction") if key not in summary]
     if missing:
         raise ValueError(f"cellularity validation summary lacks {', '.join(missing)}")
     classes = sorted(table["label_name"].unique())
     figure, axes = plt.subplots(1, 2, figsize=(9.5, 4.6), layout="constrained")
     for axis, (true, estimated, label, rho) in zip(axes, (
-            ("true_count", "estimated_count", "nuclei count per image", "spearman_count"),
-            ("true_area_fraction", "estimated_area_fraction", "nuclear area fraction",
+            ("true_nuclei_count", "nuclei_count", "nuclei count per image", "spearman_count"),
+            ("true_nuclear_area_fraction", "nuclear_area_fraction", "nuclear area fraction",
              "spearman_area_fraction")), strict=True):
         for index, name in enumerate(classes):
             rows = table[table["label_name"] == name]
@@ -921,8 +913,7 @@ def cellularity_validation(table: pd.DataFrame, summary: Mapping[str, Any], stem
                  title=f"{label}: Spearman ρ = {summary[rho]:.3f}")
         axis.grid(alpha=0.3)
     axes[0].legend(title="class", fontsize=7, title_fontsize=8, frameon=False)
-    images = summary.get("n_images", summary.get("images", len(table)))
-    figure.suptitle(f"{title} (n = {images:.0f} images)")
+    figure.suptitle(f"{title} (n = {len(table)} images)")
     return save_figure(figure, stem)
 
 
