@@ -72,7 +72,7 @@ def test_failed_job_is_retried_with_more_memory(tmp_path):
     assert "rule_needs_memory|FAILED" in states and "rule_needs_memory|COMPLETED" in states
 
 
-def test_paper_jobs_request_gpus_only_where_they_train_or_generate(tmp_path):
+def test_paper_jobs_request_gpus_only_where_networks_run(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
         [str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory",
@@ -91,7 +91,8 @@ def test_paper_jobs_request_gpus_only_where_they_train_or_generate(tmp_path):
         elif line.startswith("resources:") and rule:
             resources.setdefault(rule, set()).add(line)
     gpu_rules = {"train_diffusion", "train_classifier", "trajectories", "baseline_ddib",
-                 "baseline_adm", "train_downstream"}
+                 "baseline_adm", "train_downstream", "fidelity", "analyse_trajectories",
+                 "temporal_coherence"}
     for name, lines in resources.items():
         wants_gpu = any("gpu=1" in line for line in lines)
         assert wants_gpu == (name in gpu_rules), (name, lines)
