@@ -11,16 +11,20 @@ Run: python -m benchmarks.bench_evaluation      (appends to benchmarks/results/e
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy import stats
 from torchvision.models import inception_v3
 
 from benchmarks.machine import record
-from cellflow.cellularity import measure_cellularity
+from cellflow.cellularity import measure_cellularity, measure_images
 from cellflow.downstream import create_backbone
 from cellflow.metrics import (
     DomainFeatures,
@@ -42,6 +46,23 @@ def cellularity_rows(size: int, tiles: int = 60) -> dict[str, str]:
     rho = stats.spearmanr(counts, [tile.nuclei_count for tile in rendered]).statistic
     return {"measure": f"cellularity, {size} px tiles rendered at that size",
             "value": f"{rate:.1f} images/s; Spearman vs true count {rho:.3f} (n={tiles})"}
+
+
+def cellularity_workers_rows(size: int = 256, tiles: int = 40) -> list[dict[str, str]]:
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for index, progression in enumerate(np.linspace(0, 1, tiles)):
+            paths.append(Path(folder) / f"{index}.png")
+            Image.fromarray(render_tile(float(progression), size, rng).image).save(paths[-1])
+        for workers in sorted({1, os.cpu_count() or 1}):
+            started = time.perf_counter()
+            measure_images(paths, workers=workers)
+            rate = tiles / (time.perf_counter() - started)
+            rows.append({"measure": f"cellularity of {size} px files, {workers} worker(s)",
+                         "value": f"{rate:.1f} images/s"})
+    return rows
 
 
 def feature_rate(name: str, network: torch.nn.Module, size: int, count: int = 32) -> dict:
@@ -93,7 +114,7 @@ def coherence_row(size: int = 256, frames: int = 11) -> dict[str, str]:
 
 
 def main() -> None:
-    rows = [cellularity_rows(32), cellularity_rows(256)]
+    rows = [cellularity_rows(32), cellularity_rows(256), *cellularity_workers_rows()]
     rows.append(feature_rate("domain resnet50", DomainFeatures(create_backbone("resnet50", 4, 256)),
                              256))
     rows.append(feature_rate("inception-v3 (resized to 299)", InceptionAt299(), 256))

@@ -26,8 +26,10 @@ instance masks of a prepared synthetic dataset.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
@@ -151,26 +153,38 @@ def measure_cellularity(
     }
 
 
+def _measure_file(path: Path, config: CellularityConfig) -> dict[str, Any]:
+    return {"path": str(path), **measure_cellularity(_read_rgb(Path(path)), config)}
+
+
 def measure_images(
     paths: Sequence[Path],
     config: CellularityConfig = CellularityConfig(),
     progress_desc: str | None = None,
+    workers: int = 1,
 ) -> pd.DataFrame:
-    """One row per image file: ``path`` and the measures of ``measure_cellularity``.
+    """One row per image file, in the order given: ``path`` and the measures.
 
-    ``progress_desc`` labels a progress bar; without it none is shown. The bar's refresh
-    interval comes from tqdm's ``TQDM_MININTERVAL`` variable, which ``cellflow.logs`` sets for
-    jobs that log to a file.
+    ``workers`` > 1 spreads the images over that many processes (the segmentation is
+    single-threaded Python and NumPy). ``progress_desc`` labels a progress bar; without it none
+    is shown. The bar's refresh interval comes from tqdm's ``TQDM_MININTERVAL`` variable, which
+    ``cellflow.logs`` sets for jobs that log to a file.
     """
-    rows = [
-        {"path": str(path), **measure_cellularity(_read_rgb(Path(path)), config)}
-        for path in tqdm(paths, desc=progress_desc, unit="img", disable=progress_desc is None)
-    ]
+    bar = {"total": len(paths), "desc": progress_desc, "unit": "img",
+           "disable": progress_desc is None}
+    measure = functools.partial(_measure_file, config=config)
+    if workers > 1 and len(paths) > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            chunk = max(1, len(paths) // (8 * workers))
+            rows = list(tqdm(pool.map(measure, paths, chunksize=chunk), **bar))
+    else:
+        rows = [measure(path) for path in tqdm(paths, **bar)]
     return pd.DataFrame(rows, columns=["path", *MEASURES])
 
 
 def validate_against_ground_truth(
-    manifest: pd.DataFrame, data_dir: Path, config: CellularityConfig = CellularityConfig()
+    manifest: pd.DataFrame, data_dir: Path, config: CellularityConfig = CellularityConfig(),
+    workers: int = 1,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Compare the measures with the instance masks of a prepared synthetic dataset.
 
@@ -189,7 +203,7 @@ def validate_against_ground_truth(
         raise ValueError("manifest has no images to validate")
     data_dir = Path(data_dir)
     measured = measure_images([data_dir / path for path in manifest["path"]], config,
-                              progress_desc="cellularity validation")
+                              progress_desc="cellularity validation", workers=workers)
     context = [column for column in ("label_name", "split") if column in manifest.columns]
     table = manifest[["path", *context]].reset_index(drop=True).assign(
         nuclei_count=measured["nuclei_count"].to_numpy(),

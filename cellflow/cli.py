@@ -130,7 +130,10 @@ def _feature_spaces(spec: dict, domain_weights: str, device) -> list:
 
 def evaluate(args: argparse.Namespace) -> int:
     """One evaluation table of one dataset: cellularity, fidelity, trajectories, coherence."""
-    _job_setup(args.threads, args.log)
+    networks = args.action in ("fidelity", "trajectories", "coherence")
+    # The cellularity actions run processes, not torch threads: they need not import torch.
+    _job_setup(args.threads if networks else None, args.log)
+    workers = args.threads or 1
     import json
 
     from cellflow import evaluate as stages
@@ -140,7 +143,7 @@ def evaluate(args: argparse.Namespace) -> int:
     spec = json.loads(args.spec)
     evaluation, classes = spec["evaluation"], spec["dataset"]["classes"]
     device = None
-    if args.action in ("fidelity", "trajectories", "coherence"):
+    if networks:
         import torch
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,12 +152,12 @@ def evaluate(args: argparse.Namespace) -> int:
     cellularity_config = CellularityConfig.from_dict(evaluation["cellularity"])
     if args.action == "cellularity":
         write_table(args.out, stages.cellularity(args.image_set, manifest, generated,
-                                                 cellularity_config))
+                                                 cellularity_config, workers))
     elif args.action == "validate-cellularity":
         from cellflow.cellularity import validate_against_ground_truth
 
         table, summary = validate_against_ground_truth(
-            stages.read_table(manifest), manifest.parent, cellularity_config)
+            stages.read_table(manifest), manifest.parent, cellularity_config, workers)
         write_table(args.out, table)
         write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2))
     elif args.action == "fidelity":

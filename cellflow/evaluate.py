@@ -104,7 +104,7 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
 
 
 def cellularity(source: str, data_manifest: Path, generated_dir: Path | None,
-                config: CellularityConfig) -> pd.DataFrame:
+                config: CellularityConfig, workers: int = 1) -> pd.DataFrame:
     """Nuclei count, area fraction and mean area of every real (or one method's) image."""
     if source == "real":
         root, table = data_manifest.parent, read_table(data_manifest)
@@ -112,7 +112,7 @@ def cellularity(source: str, data_manifest: Path, generated_dir: Path | None,
     else:
         root, table = generated_dir, read_table(generated_dir / "manifest.tsv")
     measured = measure_images([root / path for path in table["path"]], config,
-                              progress_desc=f"cellularity of {source} images")
+                              progress_desc=f"cellularity of {source} images", workers=workers)
     return pd.concat([table.reset_index(drop=True),
                       measured[MEASURES].reset_index(drop=True)], axis=1)
 

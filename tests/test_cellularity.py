@@ -174,6 +174,22 @@ def test_files_are_measured_or_refused_by_name(tmp_path: Path) -> None:
             measure_images([good, path])
 
 
+def test_worker_processes_give_the_same_table_in_the_same_order(tmp_path: Path) -> None:
+    paths = []
+    for index, progression in enumerate(np.linspace(0, 1, 6)):
+        path = tmp_path / f"tile{index}.png"
+        Image.fromarray(render_tile(float(progression), 48, np.random.default_rng(index)).image
+                        ).save(path)
+        paths.append(path)
+    alone = measure_images(paths)
+    pd.testing.assert_frame_equal(measure_images(paths, workers=2), alone)
+    assert alone["nuclei_count"].iloc[-1] > alone["nuclei_count"].iloc[0]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="corrupt.png: cannot read"):
+        measure_images([*paths, corrupt], workers=2)
+
+
 def test_config_from_dict_takes_known_keys_and_names_an_unknown_one() -> None:
     config = CellularityConfig.from_dict({"threshold_floor": 0.05, "min_nucleus_area": 12})
     assert config.threshold_floor == 0.05 and config.min_nucleus_area == 12

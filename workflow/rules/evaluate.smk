@@ -13,9 +13,9 @@ rule measure_cellularity:
         "results/{dataset}/benchmarks/measure_cellularity/{image_set}.tsv"
     conda:
         "../../environment.yaml"
-    threads: 1
+    threads: 4
     resources:
-        mem_mb=attempt_scaled(2000),
+        mem_mb=attempt_scaled(4000),
         runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
     params:
         spec=evaluation_spec,
@@ -23,7 +23,7 @@ rule measure_cellularity:
     shell:
         "python -m cellflow.cli evaluate cellularity --spec {params.spec:q}"
         " --manifest {input.manifest} --image-set {wildcards.image_set} {params.generated}"
-        " --out {output} --log {log}"
+        " --out {output} --threads {threads} --log {log}"
 
 
 rule validate_cellularity:
@@ -38,15 +38,15 @@ rule validate_cellularity:
         "results/{dataset}/benchmarks/validate_cellularity.tsv"
     conda:
         "../../environment.yaml"
-    threads: 1
+    threads: 4
     resources:
-        mem_mb=attempt_scaled(2000),
+        mem_mb=attempt_scaled(4000),
         runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
     params:
         spec=evaluation_spec,
     shell:
         "python -m cellflow.cli evaluate validate-cellularity --spec {params.spec:q}"
-        " --manifest {input.manifest} --out {output.table} --log {log}"
+        " --manifest {input.manifest} --out {output.table} --threads {threads} --log {log}"
 
 
 rule fidelity:
