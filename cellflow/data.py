@@ -409,6 +409,21 @@ def read_ground_truth(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def load_images(root: Path, paths: Sequence[str]) -> np.ndarray:
+    """Images under ``root`` as one uint8 (N, 3, H, W) array; an unreadable file is named."""
+    arrays = []
+    for relative in paths:
+        path = root / relative
+        try:
+            with Image.open(path) as image:
+                arrays.append(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot read image ({err})") from None
+    if not arrays:
+        return np.zeros((0, 3, 1, 1), np.uint8)
+    return np.stack(arrays)
+
+
 def load_split(manifest_path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """All images of one split as uint8 (N, 3, H, W) and their integer labels.
 
@@ -420,8 +435,5 @@ def load_split(manifest_path: str | Path, split: str) -> tuple[np.ndarray, np.nd
     rows = manifest[manifest["split"] == split]
     if rows.empty:
         raise DataError(f"{manifest_path}: no images in split '{split}'")
-    images = np.stack([
-        np.asarray(Image.open(manifest_path.parent / path).convert("RGB")).transpose(2, 0, 1)
-        for path in rows["path"]
-    ])
+    images = load_images(manifest_path.parent, rows["path"])
     return images, rows["label"].to_numpy(dtype=np.int64, copy=True)

@@ -24,7 +24,6 @@ import pandas as pd
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import (
     accuracy_score,
@@ -36,7 +35,7 @@ from sklearn.metrics import (
 from tqdm import tqdm
 
 from cellflow.augment import basic_augment, build_batch_augmentation, resolve_params, strategy
-from cellflow.data import load_split
+from cellflow.data import load_images, load_split
 from cellflow.io import atomic_path, staged_directory, write_table, write_text
 from cellflow.training import step_generator, to_model_range
 
@@ -104,8 +103,7 @@ def generated_training_set(manifest_dir: Path, count: int, num_classes: int, see
         return np.zeros((0, 3, 1, 1), np.uint8), torch.zeros(0, num_classes)
     order = np.random.default_rng(seed).permutation(len(manifest))[:count]
     rows = manifest.iloc[np.sort(order)]
-    images = np.stack([np.asarray(Image.open(manifest_dir / p).convert("RGB")).transpose(2, 0, 1)
-                       for p in rows["path"]])
+    images = load_images(manifest_dir, rows["path"])
     weight = torch.tensor(rows["soft_label_weight"].to_numpy(), dtype=torch.float32)[:, None]
     targets = ((1 - weight) * soft_targets(rows["source_label"].to_numpy(), num_classes)
                + weight * soft_targets(rows["target_label"].to_numpy(), num_classes))

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 from scipy import stats
 from tqdm import tqdm
 
 from cellflow.cellularity import CellularityConfig, measure_images
+from cellflow.data import load_images
 
 if TYPE_CHECKING:  # the cellularity jobs need neither torch nor the models: they start faster
     import torch
@@ -34,21 +34,6 @@ TRAJECTORY_KEYS = ["source_id", "source_class", "target_class"]
 
 def read_table(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
-
-
-def load_images(root: Path, paths: Sequence[str]) -> np.ndarray:
-    """uint8 (N, 3, H, W) images; a file that cannot be read is named in the error."""
-    arrays = []
-    for relative in paths:
-        path = root / relative
-        try:
-            with Image.open(path) as image:
-                arrays.append(np.asarray(image.convert("RGB")).transpose(2, 0, 1))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read image ({err})") from None
-    if not arrays:
-        return np.zeros((0, 3, 1, 1), np.uint8)
-    return np.stack(arrays)
 
 
 def hard_class(manifest: pd.DataFrame) -> pd.Series:

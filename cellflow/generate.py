@@ -36,6 +36,7 @@ from tqdm import tqdm
 from cellflow.bridge import BridgeConfig, EvaluationCounter, StairBridge, soft_label_weight
 from cellflow.classifier import NoiseAwareClassifier
 from cellflow.config import DatasetConfig, Transition
+from cellflow.data import load_images
 from cellflow.diffusion import NoiseSchedule
 from cellflow.figures import save_trajectory_strip
 from cellflow.io import save_png, staged_directory, write_table, write_text
@@ -84,11 +85,7 @@ def pick_sources(manifest: pd.DataFrame, source_class: str, count: int) -> pd.Da
 
 
 def read_images(root: Path, paths: pd.Series) -> torch.Tensor:
-    from PIL import Image
-
-    arrays = [np.asarray(Image.open(root / path).convert("RGB")).transpose(2, 0, 1)
-              for path in paths]
-    return to_model_range(torch.from_numpy(np.stack(arrays)))
+    return to_model_range(torch.from_numpy(load_images(root, paths)))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
