@@ -138,7 +138,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from cellflow import evaluate as stages
     from cellflow.cellularity import CellularityConfig
-    from cellflow.io import write_table, write_text
+    from cellflow.io import read_table, write_table, write_text
 
     spec = json.loads(args.spec)
     evaluation, classes = spec["evaluation"], spec["dataset"]["classes"]
@@ -157,7 +157,7 @@ def evaluate(args: argparse.Namespace) -> int:
         from cellflow.cellularity import validate_against_ground_truth
 
         table, summary = validate_against_ground_truth(
-            stages.read_table(manifest), manifest.parent, cellularity_config, workers)
+            read_table(manifest), manifest.parent, cellularity_config, workers)
         write_table(args.out, table)
         write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2))
     elif args.action == "fidelity":
@@ -170,8 +170,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
         classifier = NoiseAwareClassifier.from_pretrained(Path(args.classifier) / "classifier")
         frames, summary = stages.analyse_trajectories(
-            manifest, stages.read_table(args.real_cellularity),
-            stages.read_table(args.generated_cellularity), generated, classifier, classes,
+            manifest, read_table(args.real_cellularity),
+            read_table(args.generated_cellularity), generated, classifier, classes,
             device)
         write_table(Path(args.out) / "frames.tsv", frames)
         write_table(Path(args.out) / "summary.tsv", summary)
@@ -209,7 +209,7 @@ def figures(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from cellflow import figures as draw
-    from cellflow.evaluate import read_table
+    from cellflow.io import read_table
     from cellflow.machine import describe_machine
 
     out, table = Path(args.out), Path(args.table) if args.table else None

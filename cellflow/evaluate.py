@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from cellflow.cellularity import CellularityConfig, measure_images
 from cellflow.data import load_images
+from cellflow.io import read_table
 
 if TYPE_CHECKING:  # the cellularity jobs need neither torch nor the models: they start faster
     import torch
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 MEASURES = ["nuclei_count", "nuclear_area_fraction", "mean_nuclear_area"]
 TRAJECTORY_KEYS = ["source_id", "source_class", "target_class"]
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
 
 
 def hard_class(manifest: pd.DataFrame) -> pd.Series:

@@ -48,6 +48,11 @@ def write_table(path: str | Path, table: pd.DataFrame) -> None:
     _write_with(path, lambda tmp: table.to_csv(tmp, sep=separator, index=False))
 
 
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a tab-separated results table; only empty cells are missing values."""
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+
+
 def save_png(path: str | Path, image: np.ndarray | Image.Image) -> None:
     picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
     # Level 1: tissue texture barely compresses; level 6 takes ~4x the time to save ~15%.
