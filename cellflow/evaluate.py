@@ -58,13 +58,14 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
         other_root = generated_dir
         other = read_table(generated_dir / "manifest.tsv")
         other_classes = hard_class(other)
+    real_images = load_images(data_manifest.parent, real["path"])
+    other_images = load_images(other_root, other["path"])
     features = {}
     for space in spaces:
         log.info("%s: %s features of %d real and %d %s images", dataset, space.name, len(real),
                  len(other), method)
-        features[space.name] = (
-            space.features(load_images(data_manifest.parent, real["path"]), device=device),
-            space.features(load_images(other_root, other["path"]), device=device))
+        features[space.name] = (space.features(real_images, device=device),
+                                space.features(other_images, device=device))
     rows = []
     for name in ["all", *classes]:
         real_mask = np.ones(len(real), bool) if name == "all" else (real["label_name"] == name)
