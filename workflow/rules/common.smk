@@ -132,6 +132,11 @@ def generative_methods(dataset):
     return ["adm"] + (["cellflow", "ddib"] if DATASETS[dataset].transitions else [])
 
 
+def image_sets(dataset):
+    """What the evaluation measures of a dataset: its real images and each method's."""
+    return ["real", *generative_methods(dataset)]
+
+
 def generation_outputs(dataset):
     return [
         f"results/{dataset}/trajectories/{method}"
@@ -212,11 +217,10 @@ def generated_argument(wildcards, input):
 
 
 def evaluation_outputs(dataset):
-    image_sets = ["real", *generative_methods(dataset)]
     outputs = [
         f"results/{dataset}/evaluation/{table}/{image_set}.tsv"
         for table in ("cellularity", "fidelity")
-        for image_set in image_sets
+        for image_set in image_sets(dataset)
     ]
     if dataset in SYNTHETIC_DATASETS:
         outputs.append(f"results/{dataset}/evaluation/cellularity_validation.tsv")
@@ -328,6 +332,6 @@ def job_benchmarks(wildcards):
         files += expand(
             [rules.measure_cellularity.benchmark, rules.fidelity.benchmark],
             dataset=dataset,
-            image_set=["real", *generative_methods(dataset)],
+            image_set=image_sets(dataset),
         )
     return files

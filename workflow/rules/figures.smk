@@ -45,7 +45,7 @@ rule figure_fidelity:
         lambda wildcards: [
             f"results/{dataset}/evaluation/fidelity/{image_set}.tsv"
             for dataset in DATASETS
-            for image_set in ["real", *generative_methods(dataset)]
+            for image_set in image_sets(dataset)
         ],
     output:
         png=report(
