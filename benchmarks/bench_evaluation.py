@@ -1,10 +1,10 @@
 """Evaluation stage: what the paper-size evaluation costs, and how good the cellularity is.
 
-Measures, on synthetic tiles (no download): cellularity images/s at 32 and 256 px with its
-Spearman correlation against the generator's ground truth, feature extraction images/s of the
-domain network (resnet50 at 256 px) and of Inception-v3 at 299 px (random weights: the speed
-does not depend on them), FID + KID time for paper-size feature sets, and the coherence measures per
-trajectory of 11 frames.
+Measures, on synthetic tiles (no download): the cellularity validation the pipeline runs
+(generated tiles prepared to 32-256 px, Spearman against their masks); cellularity images/s at
+32 and 256 px; feature extraction images/s of the domain network (resnet50 at 256 px) and of
+Inception-v3 at 299 px (random weights: the speed does not depend on them); FID + KID time for
+paper-size feature sets; and the coherence measures of one trajectory of 11 frames.
 
 Run: python -m benchmarks.bench_evaluation      (appends to benchmarks/results/evaluation.md)
 """
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,7 +25,13 @@ from scipy import stats
 from torchvision.models import inception_v3
 
 from benchmarks.machine import record
-from cellflow.cellularity import measure_cellularity, measure_images
+from cellflow.cellularity import (
+    measure_cellularity,
+    measure_images,
+    validate_against_ground_truth,
+)
+from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.data import prepare_dataset, read_ground_truth
 from cellflow.downstream import create_backbone
 from cellflow.metrics import (
     DomainFeatures,
@@ -34,7 +41,7 @@ from cellflow.metrics import (
     second_difference,
     shuffled_control,
 )
-from cellflow.synthetic import render_tile
+from cellflow.synthetic import generate_dataset, render_tile
 
 
 def cellularity_rows(size: int, tiles: int = 60) -> dict[str, str]:
@@ -62,6 +69,35 @@ def cellularity_workers_rows(size: int = 256, tiles: int = 40) -> list[dict[str,
             rate = tiles / (time.perf_counter() - started)
             rows.append({"measure": f"cellularity of {size} px files, {workers} worker(s)",
                          "value": f"{rate:.1f} images/s"})
+    return rows
+
+
+def validation_rows(per_class: int = 30, seeds: tuple[int, ...] = (0, 1)) -> list[dict]:
+    """The pipeline's own check: generated tiles, prepared like a dataset, vs their masks."""
+    classes = ("normal", "hyperplastic", "neoplastic")
+    rows = []
+    for raw_size, resolution in ((64, 32), (64, 64), (128, 128), (256, 256)):
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as folder:
+                root = Path(folder)
+                generate_dataset(root / "raw", classes, per_class, raw_size, seed=seed)
+                dataset = DatasetConfig(
+                    name="synthetic", kind="synthetic", resolution=resolution, classes=classes,
+                    transitions=(), split=SplitConfig(val_fraction=0.15, test_fraction=0.15),
+                    synthetic=SyntheticConfig(images_per_class=per_class, image_size=raw_size))
+                prepare = PrepareConfig(on_corrupt="error", on_small="error",
+                                        on_duplicate="error", contact_sheet_images=1)
+                prepare_dataset(dataset, prepare, root / "raw" / "images", root / "data",
+                                seed=seed, threads=os.cpu_count() or 1,
+                                ground_truth=read_ground_truth(root / "raw" / "ground_truth.tsv"))
+                manifest = pd.read_csv(root / "data" / "manifest.tsv", sep="\t")
+                _, summary = validate_against_ground_truth(manifest, root / "data")
+            rows.append({
+                "measure": f"cellularity validation, {raw_size} px tiles prepared to "
+                           f"{resolution} px, seed {seed}, {len(manifest)} images",
+                "value": f"Spearman count {summary['spearman_count']:.3f}, area fraction "
+                         f"{summary['spearman_area_fraction']:.3f}, mean relative count error "
+                         f"{summary['mean_relative_count_error']:.3f}"})
     return rows
 
 
@@ -114,7 +150,8 @@ def coherence_row(size: int = 256, frames: int = 11) -> dict[str, str]:
 
 
 def main() -> None:
-    rows = [cellularity_rows(32), cellularity_rows(256), *cellularity_workers_rows()]
+    rows = [*validation_rows(), cellularity_rows(32), cellularity_rows(256),
+            *cellularity_workers_rows()]
     rows.append(feature_rate("domain resnet50", DomainFeatures(create_backbone("resnet50", 4, 256)),
                              256))
     rows.append(feature_rate("inception-v3 (resized to 299)", InceptionAt299(), 256))
