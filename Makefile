@@ -4,13 +4,16 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/$(VENV):$(PATH)
 CORES ?= 2
 
-.PHONY: demo test setup lint format dag clean
+.PHONY: demo test proof setup lint format dag clean
 
 demo: setup  ## run the pipeline on the built-in synthetic demo
 	snakemake --cores $(CORES)
 
 test: setup  ## run the test suite
 	python -m pytest
+
+proof: setup  ## the proof run: trained models, both stair rules, 5 seeds (~2 h on 2 CPU cores)
+	python -m benchmarks.proof_run --cores $(CORES)
 
 setup:  ## create or reuse the cached environment and link it at .venv
 	@bash tools/setup-env.sh

@@ -27,6 +27,14 @@ Two reference quirks are reproduced by default and can be switched off: the stai
 reversed curve is used as the timestep directly (``stair_mapping="mirror"``; ``"crossing"``
 uses the index where the measure crosses the level), and decoding starts one level below the
 stair's latent (``decode_start="faithful"``; ``"exact"`` starts at the stair itself).
+
+Beyond the reference (off by default): ``fourier_band="scaled"`` scales the measure's frequency
+band with the image size (the reference band is fixed for 256 px), and
+``stair_selection="posterior"`` places the stairs where the target posterior of the decoded
+frames is evenly spaced between the source and the deepest decode (:meth:`StairBridge.
+posterior_stairs`). With exact models (``cellflow.exact``) the Fourier stairs all lie beyond the
+depth at which a fine-detail class difference is already replaced, so their frames jump to the
+target at once; ``benchmarks/results/exact_bridge.md`` records what each option gives.
 """
 
 from __future__ import annotations
@@ -43,6 +51,10 @@ from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient
 from cellflow.diffusion import NoiseSchedule
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the reference measure uses
+REFERENCE_SIZE = 256  # the image side the reference's Fourier band was chosen for
+STAIR_SELECTIONS = ("fourier", "posterior")
+Decoded = dict[tuple[int, int], torch.Tensor]  # (image, stair) -> decoded frame
+FOURIER_BANDS = ("reference", "scaled")
 
 
 @dataclass(frozen=True)
@@ -53,10 +65,14 @@ class BridgeConfig:
     decode_start: Literal["faithful", "exact"] = "faithful"
     stair_mapping: Literal["mirror", "crossing"] = "mirror"
     max_rows_per_call: int = 64
+    timestep_spacing: Literal["uniform", "quadratic"] = "uniform"
+    stair_selection: Literal["fourier", "posterior"] = "fourier"
+    fourier_band: Literal["reference", "scaled"] = "reference"
+    posterior_candidates: int = 12  # decode depths of the coarse sweep of posterior stairs
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> BridgeConfig:
-        return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: raw[name] for name in cls.__dataclass_fields__ if name in raw})
 
 
 @dataclass
@@ -74,36 +90,76 @@ class BridgeResult:
     frames: torch.Tensor  # (B, N, 3, H, W) in [-1, 1], ordered by increasing stair
     stairs: np.ndarray  # (B, N) respaced stair timesteps, strictly increasing per row
     measures: np.ndarray  # (B, K) Fourier measure of x_1..x_K (inversion order)
+    # (B, N) the classifier's p(target | frame) at t = 0 (NaN without a classifier)
+    target_probability: np.ndarray
+    # (B,) which rule placed each row's stairs: fourier, fourier-fallback (the even stairs),
+    # posterior, or posterior-fallback (the target posterior did not rise: Fourier stairs)
+    stair_rule: list[str]
+    source_probability: np.ndarray  # (B,) p(target | source image) by the same classifier
     counter: EvaluationCounter = field(default_factory=EvaluationCounter)
 
 
 class RespacedSchedule:
-    """The K-step respaced schedule: level k is DDPM timestep k * stride, a_k its alpha-bar."""
+    """The K-step respaced schedule: level k is a DDPM timestep t_k, a_k its alpha-bar.
 
-    def __init__(self, schedule: NoiseSchedule, steps: int) -> None:
+    ``uniform`` (the reference): t_k = k T / K. ``quadratic`` (DDIM, Song et al. 2021):
+    t_k = floor(T (k / K)^2), made strictly increasing, which puts a quarter of the levels in
+    the first 6% of the schedule, where classes that differ in fine detail are told apart.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, steps: int, spacing: str = "uniform") -> None:
         total = schedule.num_train_timesteps
-        if not 1 <= steps <= total or total % steps:
-            raise ValueError(f"inversion_steps {steps} must divide num_train_timesteps {total}")
+        if spacing == "uniform":
+            if not 1 <= steps <= total or total % steps:
+                raise ValueError(
+                    f"inversion_steps {steps} must divide num_train_timesteps {total}")
+            timesteps = [k * (total // steps) for k in range(steps)]
+        elif spacing == "quadratic":
+            if not 2 <= steps <= total:
+                raise ValueError(f"inversion_steps {steps} must lie in [2, {total}]")
+            timesteps = []
+            for k in range(steps):
+                step = int(total * (k / steps) ** 2)
+                timesteps.append(max(step, timesteps[-1] + 1) if timesteps else 0)
+        else:
+            raise ValueError(f"unknown timestep_spacing '{spacing}' (uniform, quadratic)")
         self.steps = steps
-        self.stride = total // steps
+        self.total = total
+        self.timesteps = timesteps
         alphas = schedule.ddpm().alphas_cumprod.double()
         # a_K := 0 ends the inversion at pure noise; decoding past level 0 goes to 1 (x0-hat).
-        self.alphas = torch.cat([alphas[:: self.stride][:steps],
-                                 torch.zeros(1, dtype=alphas.dtype)])
+        self.alphas = torch.cat([alphas[timesteps], torch.zeros(1, dtype=alphas.dtype)])
 
     def timestep(self, level: int) -> int:
-        return level * self.stride
+        """The DDPM timestep of a level; level K (pure noise) is reported as T."""
+        return self.timesteps[level] if level < self.steps else self.total
 
     def alpha(self, level: int) -> float:
         return float(self.alphas[level])
 
 
-def fourier_measure(latents: torch.Tensor) -> torch.Tensor:
+def fourier_reach(size: int, band: str = "reference") -> int:
+    """Highest frequency of the measure's band: 10 (reference), or 10 * size / 256, at least 2.
+
+    The reference's band covers frequencies up to 10 of 128 at 256 px; at 32 px the same 10
+    reach 10 of 16, deep into the frequencies where noise dominates. ``scaled`` keeps the band's
+    share of the spectrum and equals the reference at 256 px.
+    """
+    if band == "reference":
+        reach = 10
+    elif band == "scaled":
+        reach = max(2, round(10 * size / REFERENCE_SIZE))
+    else:
+        raise ValueError(f"unknown fourier_band '{band}' ({', '.join(FOURIER_BANDS)})")
+    return min(reach, size // 2)
+
+
+def fourier_measure(latents: torch.Tensor, band: str = "reference") -> torch.Tensor:
     """The reference's 'high-frequency' measure of each latent in a batch, in float64.
 
     Mean DFT magnitude along the centre row (zero vertical frequency) of the gray image at
-    horizontal frequencies -10..-2 and +1..+9 (fewer for images under 20 px): despite its
-    name, a very low-frequency statistic of the column-sum profile.
+    horizontal frequencies -r..-2 and +1..+(r - 1), r = :func:`fourier_reach` (10 for the
+    reference band): despite its name, a very low-frequency statistic of the column-sum profile.
     """
     if latents.shape[-1] != latents.shape[-2]:
         raise ValueError(f"the Fourier measure needs square images, got {tuple(latents.shape)}")
@@ -111,9 +167,15 @@ def fourier_measure(latents: torch.Tensor) -> torch.Tensor:
     gray = torch.einsum("bchw,c->bhw", latents.detach().cpu().double(), weights)
     spectrum = torch.fft.fftshift(torch.fft.fft2(gray), dim=(-2, -1)).abs()
     centre = gray.shape[-1] // 2
-    reach = min(10, centre)
+    reach = fourier_reach(gray.shape[-1], band)
     columns = [*range(centre - reach, centre - 1), *range(centre + 1, centre + reach)]
     return spectrum[:, centre, columns].mean(dim=-1)
+
+
+def fallback_stairs(steps: int, frames: int) -> list[int]:
+    """The reference's even stairs [gap, 2 gap, ..., N gap - 1], gap = K // N."""
+    gap = steps // frames
+    return [gap * i for i in range(1, frames)] + [gap * frames - 1]
 
 
 def adaptive_stairs(reversed_measure: Sequence[float], frames: int) -> list[int]:
@@ -121,8 +183,14 @@ def adaptive_stairs(reversed_measure: Sequence[float], frames: int) -> list[int]
 
     Target levels are evenly spaced between the curve's extremes; each is matched greedily to
     the closest remaining entry beyond the previous pick. When a level needs more than 101
-    tries, the even fallback [gap, 2 gap, ..., N gap - 1] is used instead.
+    tries, the even fallback (:func:`fallback_stairs`) is used instead.
     """
+    picks = greedy_stairs(reversed_measure, frames)
+    return fallback_stairs(len(reversed_measure), frames) if picks is None else picks
+
+
+def greedy_stairs(reversed_measure: Sequence[float], frames: int) -> list[int] | None:
+    """The greedy of :func:`adaptive_stairs`, or None where the reference falls back."""
     values = np.asarray(reversed_measure, dtype=np.float64).copy()
     low, high = values.min(), values.max()
     previous, picks, failed = 0, [], False
@@ -143,28 +211,71 @@ def adaptive_stairs(reversed_measure: Sequence[float], frames: int) -> list[int]
         if failed:
             break
     if failed or len(picks) < frames:
-        gap = len(values) // frames
-        return [gap * i for i in range(1, frames)] + [gap * frames - 1]
+        return None
     return picks
 
 
-def stairs_from_measures(measures: np.ndarray, config: BridgeConfig) -> list[int]:
-    """Stair timesteps of one image from its inversion-order measures M(x_1)..M(x_K)."""
-    picks = adaptive_stairs(measures[::-1], config.frames)
+def stairs_from_measures(measures: np.ndarray, config: BridgeConfig) -> tuple[list[int], str]:
+    """Stair timesteps of one image from its inversion-order measures M(x_1)..M(x_K), and
+    whether the greedy placed them (``fourier``) or the reference fell back to even stairs."""
+    picks = greedy_stairs(measures[::-1], config.frames)
+    rule = "fourier" if picks is not None else "fourier-fallback"
+    if picks is None:
+        picks = fallback_stairs(len(measures), config.frames)
     if config.stair_mapping == "mirror":
-        return picks
-    return sorted(config.inversion_steps - pick for pick in picks)
+        return picks, rule
+    return sorted(config.inversion_steps - pick for pick in picks), rule
+
+
+def posterior_targets(start: float, end: float, frames: int) -> np.ndarray:
+    """The N target posteriors evenly spaced from the source's (excluded) to the deepest's."""
+    targets = start + (end - start) * np.arange(1, frames + 1) / frames
+    targets[-1] = end  # exactly, so that the deepest decode always reaches the last target
+    return targets
+
+
+def increasing_within(stairs: Sequence[int], low: int, high: int) -> list[int]:
+    """The nearest strictly increasing sequence within [low, high] (needs len <= high-low+1)."""
+    out = list(stairs)
+    if len(out) > high - low + 1:
+        raise ValueError(f"{len(out)} stairs do not fit strictly increasing in [{low}, {high}]")
+    for i in range(len(out)):
+        out[i] = max(out[i], low + i, out[i - 1] + 1 if i else low)
+    for i in reversed(range(len(out))):
+        out[i] = min(out[i], high - (len(out) - 1 - i))
+        if i + 1 < len(out):
+            out[i] = min(out[i], out[i + 1] - 1)
+    return out
+
+
+def candidate_depths(steps: int, count: int) -> list[int]:
+    """``count`` stair depths in 1..K, geometrically spaced (and always including 1 and K).
+
+    Classes that differ in fine detail are replaced within the first few percent of the
+    schedule, so the sweep needs its resolution at small depths.
+    """
+    geometric = np.geomspace(1, steps, num=max(count, 2))
+    return sorted({int(round(d)) for d in geometric} | {1, steps})
 
 
 class StairBridge:
     """Batched, cached stair bridge between the classes of one trained model pair."""
 
     def __init__(self, unet: UNet2DModel, classifier: NoiseAwareClassifier | None,
-                 schedule: NoiseSchedule, config: BridgeConfig) -> None:
+                 schedule: NoiseSchedule, config: BridgeConfig, temperature: float = 1.0
+                 ) -> None:
+        """``temperature`` divides the classifier's t = 0 logits wherever the bridge reads
+        p(target | frame) (posterior stairs, frame posteriors); guidance never uses it."""
+        if config.stair_selection == "posterior" and classifier is None:
+            raise ValueError("stair_selection 'posterior' needs the noise-aware classifier")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.unet = unet.eval()
         self.classifier = classifier.eval() if classifier is not None else None
         self.config = config
-        self.respaced = RespacedSchedule(schedule, config.inversion_steps)
+        self.temperature = temperature
+        self.respaced = RespacedSchedule(schedule, config.inversion_steps,
+                                         config.timestep_spacing)
         self.device = next(unet.parameters()).device
         self.dtype = next(unet.parameters()).dtype
 
@@ -181,7 +292,7 @@ class StairBridge:
             current = self.ddim_step(current, epsilon, level, level + 1)
             counter.sequential_rounds += 1
             latents.append(current.cpu())
-            measures.append(fourier_measure(current).numpy())
+            measures.append(fourier_measure(current, self.config.fourier_band).numpy())
         return latents, np.stack(measures, axis=1)
 
     @torch.no_grad()
@@ -214,16 +325,114 @@ class StairBridge:
         """Frames from each source image (B, 3, H, W in [-1, 1]) towards its target class."""
         counter = EvaluationCounter()
         latents, measures = self.invert(images, source_labels, counter)
-        stairs = np.array([stairs_from_measures(row, self.config) for row in measures])
-        rows = [(b, int(tau)) for b in range(len(images)) for tau in stairs[b]]
+        fourier = [stairs_from_measures(row, self.config) for row in measures]
+        source_probability = self.target_probability(images, target_labels)
+        if self.config.stair_selection == "posterior":
+            stairs, rules, decoded = self.posterior_stairs(
+                latents, target_labels, source_probability, [f[0] for f in fourier], counter)
+        else:
+            stairs, rules = [f[0] for f in fourier], [f[1] for f in fourier]
+            decoded = self._decode_stairs(latents, target_labels,
+                                          [(b, tau) for b, row in enumerate(stairs)
+                                           for tau in row], counter)
+        frames = torch.stack([torch.stack([decoded[b, tau] for tau in row])
+                              for b, row in enumerate(stairs)])
+        probability = self.target_probability(
+            frames.flatten(0, 1), target_labels.repeat_interleave(self.config.frames)
+        ).reshape(len(images), self.config.frames)
+        return BridgeResult(frames, np.array(stairs), measures, probability, rules,
+                            source_probability, counter)
+
+    def posterior_stairs(self, latents: Sequence[torch.Tensor], target_labels: torch.Tensor,
+                         source_probability: np.ndarray, fourier: Sequence[Sequence[int]],
+                         counter: EvaluationCounter) -> tuple[list[list[int]], list[str], Decoded]:
+        """Stairs whose decoded frames' p(target) are evenly spaced (``stair_selection:
+        posterior``), with every frame decoded on the way.
+
+        A coarse sweep decodes each image from :func:`candidate_depths`; the target posteriors
+        run evenly from the source's to that of the deepest decode (stair K). Each target is
+        bracketed by the first swept depth that reaches it and refined by bisection over the
+        integer depths between, all images and targets of a round in one batched decode; the
+        closer end of the final bracket is the stair, and the stairs are then made strictly
+        increasing. Where the deepest decode is no more the target than the source (the
+        classifier sees no progress) the row keeps its Fourier stairs (``posterior-fallback``).
+        """
+        steps, frames = self.config.inversion_steps, self.config.frames
+        count = len(target_labels)
+        decoded: Decoded = {}
+        probability: dict[tuple[int, int], float] = {(b, 0): float(source_probability[b])
+                                                     for b in range(count)}
+
+        def evaluate(pairs: set[tuple[int, int]]) -> None:
+            pairs = sorted(pair for pair in pairs if pair not in decoded)
+            if not pairs:
+                return
+            decoded.update(self._decode_stairs(latents, target_labels, pairs, counter))
+            images = torch.stack([decoded[pair] for pair in pairs])
+            labels = torch.stack([target_labels[b] for b, _ in pairs])
+            probability.update(zip(pairs, self.target_probability(images, labels).tolist(),
+                                   strict=True))
+
+        evaluate({(b, depth) for b in range(count)
+                  for depth in candidate_depths(steps, self.config.posterior_candidates)})
+        brackets: dict[tuple[int, int], list[int]] = {}
+        targets: dict[int, np.ndarray] = {}
+        for b in range(count):
+            start, end = probability[b, 0], probability[b, steps]
+            if end <= start:
+                continue
+            targets[b] = posterior_targets(start, end, frames)
+            swept = sorted(depth for row, depth in probability if row == b)
+            for i, target in enumerate(targets[b]):
+                high = next(d for d in swept if probability[b, d] >= target)
+                low = max([d for d in swept if d < high], default=0)
+                brackets[b, i] = [low, high]
+        while open_ := {key: pair for key, pair in brackets.items() if pair[1] - pair[0] > 1}:
+            evaluate({(b, sum(pair) // 2) for (b, _), pair in open_.items()})
+            for (b, i), pair in open_.items():
+                middle = sum(pair) // 2
+                pair[int(probability[b, middle] >= targets[b][i])] = middle
+        stairs, rules = [], []
+        for b in range(count):
+            if b not in targets:
+                stairs.append(list(fourier[b]))
+                rules.append("posterior-fallback")
+                continue
+            picks = []
+            for i, target in enumerate(targets[b]):
+                low, high = brackets[b, i]
+                closer_low = low > 0 and (abs(probability[b, low] - target)
+                                          < abs(probability[b, high] - target))
+                picks.append(low if closer_low else high)
+            stairs.append(increasing_within(picks, 1, steps))
+            rules.append("posterior")
+        evaluate({(b, tau) for b, row in enumerate(stairs) for tau in row})
+        return stairs, rules, decoded
+
+    @torch.no_grad()
+    def target_probability(self, images: torch.Tensor, target_labels: torch.Tensor
+                           ) -> np.ndarray:
+        """p(target | image) of clean images by the classifier at t = 0, over the temperature."""
+        if self.classifier is None:
+            return np.full(len(images), np.nan)
+        chunks = []
+        for first in range(0, len(images), self.config.max_rows_per_call):
+            batch = images[first:first + self.config.max_rows_per_call]
+            logits = self.classifier(batch.to(self.device, self.classifier.dtype), 0).double()
+            chunks.append(torch.softmax(logits / self.temperature, dim=-1).cpu())
+        probabilities = torch.cat(chunks)
+        return probabilities[torch.arange(len(images)), target_labels.cpu().long()].numpy()
+
+    def _decode_stairs(self, latents: Sequence[torch.Tensor], target_labels: torch.Tensor,
+                       pairs: Sequence[tuple[int, int]], counter: EvaluationCounter
+                       ) -> Decoded:
+        """Decode (image, stair) pairs from their inverted latents, all in one batched pass."""
         shift = 1 if self.config.decode_start == "faithful" else 0
-        starts = torch.stack([latents[tau][b] for b, tau in rows])
-        decoded = self.decode(
-            starts, [tau - shift for _, tau in rows],
-            torch.stack([target_labels[b] for b, _ in rows]),
-            self.config.classifier_scale, counter)
-        frames = decoded.cpu().reshape(len(images), self.config.frames, *images.shape[1:])
-        return BridgeResult(frames, stairs, measures, counter)
+        starts = torch.stack([latents[tau][b] for b, tau in pairs])
+        decoded = self.decode(starts, [tau - shift for _, tau in pairs],
+                              torch.stack([target_labels[b] for b, _ in pairs]),
+                              self.config.classifier_scale, counter)
+        return dict(zip(pairs, decoded.cpu(), strict=True))
 
     def ddib(self, images: torch.Tensor, source_labels: torch.Tensor,
              target_labels: torch.Tensor) -> tuple[torch.Tensor, EvaluationCounter]:
@@ -265,12 +474,18 @@ class StairBridge:
         return self.unet(x, t, class_labels=labels).sample[:, :3]
 
 
-def soft_label_weight(rule: str, frame: int, frames: int, stair: int, steps: int) -> float:
+SOFT_LABELS = ("linear", "timestep", "hard", "posterior")
+
+
+def soft_label_weight(rule: str, frame: int, frames: int, stair: int, steps: int,
+                      target_probability: float = float("nan")) -> float:
     """Weight of the target class in frame ``frame`` (1-based) of ``frames``.
 
     ``linear``: frame / frames, the reading of the reference's ratio folders (r = m / N);
     ``timestep``: stair / steps, how deep into the noise the frame was decoded from;
-    ``hard``: 1, every frame labelled as the target class.
+    ``hard``: 1, every frame labelled as the target class;
+    ``posterior``: the calibrated classifier's p(target | frame), so that a frame that already
+    looks like the target is labelled so, whatever its index.
     """
     if rule == "linear":
         return frame / frames
@@ -278,4 +493,9 @@ def soft_label_weight(rule: str, frame: int, frames: int, stair: int, steps: int
         return stair / steps
     if rule == "hard":
         return 1.0
-    raise ValueError(f"unknown soft label rule '{rule}' (linear, timestep, hard)")
+    if rule == "posterior":
+        if not 0.0 <= target_probability <= 1.0:
+            raise ValueError(f"soft label 'posterior' needs the frame's p(target) in [0, 1], "
+                             f"got {target_probability}")
+        return float(target_probability)
+    raise ValueError(f"unknown soft label rule '{rule}' ({', '.join(SOFT_LABELS)})")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Final
 
+import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -32,7 +33,7 @@ from diffusers.models.embeddings import AttentionPooling, TimestepEmbedding, Tim
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
-__all__ = ["POOLS", "NoiseAwareClassifier", "class_log_prob_gradient"]
+__all__ = ["POOLS", "NoiseAwareClassifier", "class_log_prob_gradient", "fit_temperature"]
 
 POOLS: Final = ("attention", "mean")
 # guided-diffusion's normalization() is GroupNorm(32, ch) computed in float32 with its default eps.
@@ -208,6 +209,27 @@ def class_log_prob_gradient(
         selected = torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).sum()
         (grad,) = torch.autograd.grad(selected, x_in)
     return grad.to(dtype=x.dtype)
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T).
+
+    Fitted on held-out images (the validation split), it makes p(target | frame) a calibrated
+    probability without changing any prediction. Searched over log T in [1/20, 20].
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits, labels = logits.detach().double().cpu(), torch.as_tensor(labels).long().cpu()
+    if logits.ndim != 2 or len(logits) != len(labels) or not len(labels):
+        raise ValueError(f"need (n, C) logits and n labels, n >= 1; got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+
+    def nll(log_temperature: float) -> float:
+        scaled = logits / float(np.exp(log_temperature))
+        return float(torch.nn.functional.cross_entropy(scaled, labels))
+
+    best = minimize_scalar(nll, bounds=(-np.log(20), np.log(20)), method="bounded")
+    return float(np.exp(best.x))
 
 
 def _batch_timesteps(timestep: torch.Tensor | int, batch: int, device: torch.device

@@ -186,6 +186,7 @@ def feature_network_run(config: Mapping[str, Any]) -> tuple[str, int]:
 
 def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
     yield from _feature_network_problems(config)
+    yield from _bridge_problems(config["bridge"], config["noise_schedule"])
     datasets = config["datasets"]
     for name in config["only_datasets"]:
         if name not in datasets:
@@ -209,6 +210,18 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
         split = dataset["split"]
         if split["val_fraction"] + split["test_fraction"] >= 0.9:
             yield f"datasets.{name}.split: val_fraction + test_fraction leaves under 10% to train"
+
+
+def _bridge_problems(bridge: Mapping[str, Any], schedule: Mapping[str, Any]) -> Iterator[str]:
+    steps, total = bridge["inversion_steps"], schedule["num_train_timesteps"]
+    if bridge["timestep_spacing"] == "uniform" and total % steps:
+        yield (f"bridge.inversion_steps: {steps} must divide noise_schedule.num_train_timesteps "
+               f"({total}) with uniform timestep_spacing")
+    if steps > total:
+        yield f"bridge.inversion_steps: {steps} exceeds num_train_timesteps ({total})"
+    if bridge["frames"] > steps:
+        yield (f"bridge.frames: {bridge['frames']} stairs do not fit in {steps} inversion steps "
+               f"(bridge.inversion_steps)")
 
 
 def _feature_network_problems(config: Mapping[str, Any]) -> Iterator[str]:

@@ -155,7 +155,9 @@ def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
 
     ``landing_*`` places the last frame on the line from the source class's real training mean
     (0) to the target class's (1); ``towards_target_fraction`` is the share of steps that bring
-    the nuclei count closer to the target class's real mean.
+    the nuclei count closer to the target class's real mean; ``count_spearman_towards`` is the
+    Spearman of nuclei count with the frame index, signed so that +1 is a monotone path towards
+    the target class's mean whichever way the count has to go.
     """
     means = (real_cellularity[real_cellularity["split"] == "train"]
              .groupby("label_name")[MEASURES].mean())
@@ -170,6 +172,8 @@ def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
             "source_id": source_id, "source_class": source_class, "target_class": target_class,
             "frames": len(path) - 1,
             "count_spearman": _spearman(count), "area_spearman": _spearman(area),
+            "count_spearman_towards": _spearman(count) * np.sign(
+                means.at[target_class, "nuclei_count"] - means.at[source_class, "nuclei_count"]),
             "towards_target_fraction": _towards_fraction(
                 count, means.at[target_class, "nuclei_count"]),
             "towards_target_fraction_area": _towards_fraction(

@@ -34,7 +34,7 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from cellflow.bridge import BridgeConfig, EvaluationCounter, StairBridge, soft_label_weight
-from cellflow.classifier import NoiseAwareClassifier
+from cellflow.classifier import NoiseAwareClassifier, fit_temperature
 from cellflow.config import DatasetConfig, Transition
 from cellflow.data import load_images
 from cellflow.diffusion import NoiseSchedule
@@ -57,10 +57,32 @@ def load_models(diffusion_dir: Path, classifier_dir: Path, device: torch.device
 
 
 def _engine(schedule: NoiseSchedule, config: BridgeConfig, diffusion_dir: Path,
-            classifier_dir: Path, guided: bool) -> StairBridge:
+            classifier_dir: Path, guided: bool, calibration: pd.DataFrame | None = None,
+            calibration_root: Path | None = None) -> StairBridge:
+    """The bridge on the trained models; with ``calibration`` (labelled images, the validation
+    split) its t = 0 posteriors are temperature-scaled on them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet, classifier = load_models(diffusion_dir, classifier_dir, device)
-    return StairBridge(unet, classifier if guided else None, schedule, config)
+    temperature = 1.0
+    if calibration is not None:
+        temperature = calibrate_temperature(classifier, calibration, calibration_root, device)
+    return StairBridge(unet, classifier if guided else None, schedule, config, temperature)
+
+
+def calibrate_temperature(classifier: NoiseAwareClassifier, images: pd.DataFrame, root: Path,
+                          device: torch.device) -> float:
+    """Fit the temperature of the classifier's t = 0 logits on labelled held-out images."""
+    if images.empty:
+        raise ValueError("posterior stairs or labels need validation images to calibrate the "
+                         "classifier on (datasets.<name>.split.val_fraction is 0?)")
+    with torch.no_grad():
+        logits = torch.cat([
+            classifier(read_images(root, batch["path"]).to(device, classifier.dtype), 0).cpu()
+            for batch in _batches(images, 64)])
+    temperature = fit_temperature(logits, torch.tensor(images["label"].tolist()))
+    log.info("classifier calibrated on %d validation images: temperature %.3f",
+             len(images), temperature)
+    return temperature
 
 
 def _source_batches(data: pd.DataFrame, root: Path, transition: Transition, count: int,
@@ -104,8 +126,11 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                       out_dir: Path) -> pd.DataFrame:
     """Trajectories for every configured transition; returns the generation manifest."""
     config = BridgeConfig.from_dict(bridge)
-    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
+    uses_posterior = "posterior" in (config.stair_selection, bridge["soft_label"])
+    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True,
+                     calibration=data[data["split"] == "val"] if uses_posterior else None,
+                     calibration_root=data_manifest.parent)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, stairs_rows, fourier_rows = [], [], []
     counter = EvaluationCounter()
@@ -128,16 +153,20 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                         save_png(staging / path, frames[b, m])
                         rows.append(_row("cellflow", source_id, transition, label_of, m + 1,
                                          stair, engine.respaced.timestep(stair),
-                                         soft_label_weight(bridge["soft_label"], m + 1,
-                                                           config.frames, stair,
-                                                           config.inversion_steps), path))
+                                         soft_label_weight(
+                                             bridge["soft_label"], m + 1, config.frames, stair,
+                                             config.inversion_steps,
+                                             float(result.target_probability[b, m])), path))
                     fourier_rows += [
                         {"source_id": source_id, "target_class": transition.target,
                          "level": level + 1, "measure": float(value)}
                         for level, value in enumerate(result.measures[b])]
                     stairs_rows += [
                         {"source_id": source_id, "target_class": transition.target,
-                         "frame_index": m + 1, "stair": int(s)}
+                         "frame_index": m + 1, "stair": int(s),
+                         "stair_rule": result.stair_rule[b],
+                         "target_probability": float(result.target_probability[b, m]),
+                         "source_target_probability": float(result.source_probability[b])}
                         for m, s in enumerate(result.stairs[b])]
                 if len(strip_sources) < bridge["strip_sources"]:
                     keep = bridge["strip_sources"] - len(strip_sources)
@@ -151,10 +180,19 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                 f"{dataset.name}: {transition.source} → {transition.target} (Cellflow)")
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         write_table(staging / "manifest.tsv", manifest)
-        write_table(staging / "stairs.tsv", pd.DataFrame(stairs_rows))
+        stairs_table = pd.DataFrame(stairs_rows)
+        write_table(staging / "stairs.tsv", stairs_table)
         write_table(staging / "fourier.tsv", pd.DataFrame(fourier_rows))
-        _write_summary(staging, "cellflow", config, counter, len(stairs_rows) // config.frames,
-                       time.perf_counter() - started)
+        first_frames = stairs_table[stairs_table["frame_index"] == 1]
+        _write_summary(staging, "cellflow", config, counter, len(first_frames),
+                       time.perf_counter() - started, {
+                           "soft_label": bridge["soft_label"],
+                           "temperature": engine.temperature,
+                           "stair_rules": first_frames["stair_rule"].value_counts().to_dict(),
+                           # the reference's cost is K + sum of stairs per trajectory
+                           "unet_evaluations_beyond_stairs": counter.unet_evaluations - int(
+                               len(first_frames) * config.inversion_steps
+                               + stairs_table["stair"].sum())})
     return manifest
 
 
@@ -244,7 +282,7 @@ def _add_counts(total: EvaluationCounter, part: EvaluationCounter) -> None:
 
 
 def _write_summary(staging: Path, method: str, config: BridgeConfig, counter: EvaluationCounter,
-                   outputs: int, seconds: float) -> None:
+                   outputs: int, seconds: float, extra: dict[str, Any] | None = None) -> None:
     summary = {
         "method": method,
         "bridge": asdict(config),
@@ -252,6 +290,7 @@ def _write_summary(staging: Path, method: str, config: BridgeConfig, counter: Ev
         "seconds": round(seconds, 2),
         **asdict(counter),
         "unet_evaluations_per_output": counter.unet_evaluations / max(outputs, 1),
+        **(extra or {}),
     }
     write_text(staging / "generation.json", json.dumps(summary, indent=2))
     log.info("%s: %s", method, summary)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -168,10 +169,13 @@ def test_adaptive_stairs_edge_cases():
 
 def test_crossing_mapping_mirrors_and_sorts():
     curve = np.linspace(0, 1, 100) ** 2
-    mirror = stairs_from_measures(curve, bridge_config(inversion_steps=100, frames=5))
-    crossing = stairs_from_measures(curve, bridge_config(inversion_steps=100, frames=5,
-                                                         stair_mapping="crossing"))
+    mirror, rule = stairs_from_measures(curve, bridge_config(inversion_steps=100, frames=5))
+    crossing, _ = stairs_from_measures(curve, bridge_config(inversion_steps=100, frames=5,
+                                                            stair_mapping="crossing"))
     assert crossing == sorted(100 - s for s in mirror)
+    assert rule == "fourier"
+    flat, rule = stairs_from_measures(np.zeros(100), bridge_config(inversion_steps=100, frames=5))
+    assert rule == "fourier-fallback" and flat == [20, 40, 60, 80, 99]
 
 
 def test_decoding_step_is_the_diffusers_ddim_step(models):
@@ -268,4 +272,19 @@ def test_generation_stages_write_one_manifest_format(models, tmp_path):
     stairs = pd.read_csv(tmp_path / "out" / "cellflow" / "stairs.tsv", sep="\t")
     fourier = pd.read_csv(tmp_path / "out" / "cellflow" / "fourier.tsv", sep="\t")
     assert len(stairs) == 9 and len(fourier) == 3 * 10
+    assert set(stairs["stair_rule"]) <= {"fourier", "fourier-fallback"}
+    assert stairs["target_probability"].between(0, 1).all()
     assert (ddib["soft_label_weight"] == 1.0).all() and (adm["frame_index"] == 1).all()
+
+    posterior = generate_cellflow(
+        dataset, SCHEDULE, dict(bridge, stair_selection="posterior", soft_label="posterior"),
+        tmp_path / "data" / "manifest.tsv", *models_dirs, tmp_path / "out" / "posterior")
+    stairs = pd.read_csv(tmp_path / "out" / "posterior" / "stairs.tsv", sep="\t")
+    assert set(stairs["stair_rule"]) <= {"posterior", "posterior-fallback"}
+    assert (stairs.groupby("source_id")["stair"].diff().dropna() > 0).all()
+    # posterior labels are the frames' calibrated target probabilities
+    merged = posterior.merge(stairs, on=["source_id", "target_class", "frame_index"])
+    np.testing.assert_allclose(merged["soft_label_weight"], merged["target_probability"])
+    summary = json.loads((tmp_path / "out" / "posterior" / "generation.json").read_text())
+    assert summary["temperature"] > 0 and summary["soft_label"] == "posterior"
+    assert summary["unet_evaluations_beyond_stairs"] > 0

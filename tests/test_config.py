@@ -13,7 +13,7 @@ def demo() -> dict:
     return yaml.safe_load(DEMO.read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "paper.yaml", "proof.yaml"])
 def test_shipped_configs_are_valid(name):
     config = load_config(REPO / "config" / name)
     for dataset in dataset_configs(config).values():
@@ -57,6 +57,10 @@ def test_defaults_are_filled_in():
          "evaluation.feature_network.backbone: 'vit_small' is not one of downstream.backbones"),
         (lambda c: c.update(evaluation={"cellularity": {"treshold_floor": 0.1}}),
          "evaluation.cellularity.treshold_floor: unknown key (did you mean 'threshold_floor'?)"),
+        (lambda c: c["bridge"].update(stair_selection="entropy"), "bridge.stair_selection"),
+        (lambda c: c["bridge"].update(inversion_steps=30),
+         "bridge.inversion_steps: 30 must divide noise_schedule.num_train_timesteps"),
+        (lambda c: c["bridge"].update(frames=25), "bridge.frames: 25 stairs do not fit in 20"),
     ],
 )
 def test_errors_name_the_file_and_the_key(edit, expected):

@@ -50,6 +50,7 @@ def test_a_monotone_trajectory_that_reaches_the_target_mean():
     row = summarise_trajectories(frames, REAL).iloc[0]
     assert row["frames"] == 4
     assert row["count_spearman"] == pytest.approx(1.0)
+    assert row["count_spearman_towards"] == pytest.approx(1.0)
     assert row["towards_target_fraction"] == pytest.approx(1.0)
     # ends at 30 nuclei: exactly the target class's real training mean (test images ignored)
     assert row["landing_count"] == pytest.approx(1.0)

@@ -1,0 +1,208 @@
+"""The proof run: the whole pipeline on config/proof.yaml, once per bridge variant (`make proof`).
+
+Each variant is the same config with other bridge settings, run as its own Snakemake working
+directory ``benchmarks/proof/<variant>/`` (its ``results/`` and ``logs/`` are the usual tree).
+The variants share the data and the trained models: the first variant trains, the others
+start from a hard-linked copy of its training checkpoints, so their training jobs resume at the
+last step and only export. Afterwards the tables and figures a reader needs are collected in
+``benchmarks/results/proof.md`` and ``benchmarks/results/proof/<variant>/``, with the machine.
+
+    python -m benchmarks.proof_run [--variants reference posterior] [--cores 2]
+
+A rerun resumes: Snakemake skips every finished job of every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from benchmarks.machine import RESULTS
+from cellflow.machine import describe_machine
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "proof"
+CONFIG = REPO / "config" / "proof.yaml"
+DATASET = "proof"
+
+# Bridge settings of each variant over config/proof.yaml (reference: the faithful defaults).
+VARIANTS: dict[str, dict[str, object]] = {
+    "reference": {},
+    "posterior": {"timestep_spacing": "quadratic", "stair_selection": "posterior",
+                  "soft_label": "posterior"},
+    "posterior-linear": {"timestep_spacing": "quadratic", "stair_selection": "posterior"},
+}
+# Figures worth a look, copied next to the tables.
+FIGURES = {
+    "models/diffusion/samples.png": "diffusion_samples.png",
+    "models/diffusion/loss_curve.png": "diffusion_loss.png",
+    "models/classifier/accuracy_by_t.png": "classifier_accuracy_by_t.png",
+}
+
+
+def variant_config(name: str) -> Path:
+    """Write the variant's config (proof.yaml with its bridge overrides) into its folder."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["bridge"] = {**config.get("bridge", {}), **VARIANTS[name]}
+    folder = WORK / name
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(f"# {name}: config/proof.yaml with bridge {json.dumps(VARIANTS[name])}\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def share_checkpoints(first: str, name: str) -> None:
+    """Hard-link the first variant's training checkpoints into a later variant's tree."""
+    source = WORK / first / "results" / DATASET / "checkpoints"
+    destination = WORK / name / "results" / DATASET / "checkpoints"
+    if source.is_dir() and not destination.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, destination, copy_function=os.link)
+
+
+def run_variant(name: str, cores: int) -> float:
+    config = variant_config(name)
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+               "--directory", str(WORK / name), "--configfile", str(config),
+               "--cores", str(cores)]
+    environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
+                       f"{os.environ.get('PATH', '')}")
+    with (WORK / f"{name}.log").open("a") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env=environment, cwd=REPO)
+    return time.perf_counter() - started
+
+
+def job_seconds(results: Path) -> pd.DataFrame:
+    """Run time of every job of a variant, from Snakemake's benchmark files."""
+    rows = []
+    for path in sorted((results / "benchmarks").rglob("*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        rows.append({"job": str(path.relative_to(results / "benchmarks").with_suffix("")),
+                     "seconds": float(table["s"].iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def trajectory_rows(name: str, results: Path) -> list[dict]:
+    """Per transition: the proof run's targets, as medians over its trajectories."""
+    summary = pd.read_csv(results / "evaluation" / "trajectories" / "summary.tsv", sep="\t")
+    stairs = pd.read_csv(results / "trajectories" / "cellflow" / "stairs.tsv", sep="\t")
+    first = stairs[stairs["frame_index"] == 1]
+    rows = []
+    for (source, target), group in summary.groupby(["source_class", "target_class"]):
+        rules = first[first["target_class"] == target]["stair_rule"]
+        rows.append({
+            "variant": name, "transition": f"{source} → {target}", "trajectories": len(group),
+            # count_spearman is signed towards the target: >= 0.8 is the target
+            "count Spearman towards target": f"{group['count_spearman_towards'].median():.2f}",
+            "landing (count)": f"{group['landing_count'].median():.2f}",
+            "p(target) first": f"{group['target_probability_first'].median():.2f}",
+            "p(target) last": f"{group['target_probability_last'].median():.2f}",
+            "p(target) Spearman": f"{group['target_probability_spearman'].median():.2f}",
+            "stair rules": ", ".join(f"{k} {v}" for k, v in rules.value_counts().items()),
+            "median stairs": str(stairs[stairs["target_class"] == target]
+                                 .groupby("frame_index")["stair"].median().astype(int).tolist()),
+        })
+    return rows
+
+
+def downstream_rows(name: str, results: Path) -> list[dict]:
+    summary = pd.read_csv(results / "downstream" / "summary.tsv", sep="\t")
+    keep = summary[summary["metric"].isin(["balanced_accuracy", "accuracy", "macro_f1"])]
+    return [{"variant": name, **row} for row in keep.to_dict("records")]
+
+
+def fidelity_rows(name: str, results: Path) -> list[dict]:
+    rows = []
+    for path in sorted((results / "evaluation" / "fidelity").glob("*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        overall = table[table["class"] == "all"] if "class" in table else table
+        for row in overall.to_dict("records"):
+            rows.append({"variant": name, "image_set": path.stem, **row})
+    return rows
+
+
+def markdown(table: pd.DataFrame) -> str:
+    if table.empty:
+        return "(none)"
+
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * table.shape[1]]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
+              for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def collect(names: list[str], seconds: dict[str, float]) -> Path:
+    trajectories, downstream, fidelity, timings = [], [], [], []
+    for name in names:
+        results = WORK / name / "results" / DATASET
+        trajectories += trajectory_rows(name, results)
+        downstream += downstream_rows(name, results)
+        fidelity += fidelity_rows(name, results)
+        jobs = job_seconds(results)
+        training = jobs["job"].isin(["train_diffusion", "train_classifier"])
+        generation = jobs["job"].isin(["trajectories", "baseline_ddib", "baseline_adm"])
+        timings.append({
+            "variant": name,
+            "wall minutes (this call)": f"{seconds.get(name, float('nan')) / 60:.1f}",
+            "job minutes, summed": f"{jobs['seconds'].sum() / 60:.1f}",
+            "training minutes": f"{jobs.loc[training, 'seconds'].sum() / 60:.1f}",
+            "generation minutes": f"{jobs.loc[generation, 'seconds'].sum() / 60:.1f}"})
+        out = RESULTS / "proof" / name
+        out.mkdir(parents=True, exist_ok=True)
+        for source, target in FIGURES.items():
+            if (results / source).is_file():
+                shutil.copyfile(results / source, out / target)
+        for strip in (results / "trajectories" / "cellflow" / "strips").glob("*.png"):
+            shutil.copyfile(strip, out / f"strip_{strip.name}")
+        for table in ("evaluation/trajectories/summary.tsv", "downstream/summary.tsv",
+                      "trajectories/cellflow/stairs.tsv", "trajectories/cellflow/generation.json"):
+            shutil.copyfile(results / table, out / table.replace("/", "_"))
+    report = RESULTS / "proof.md"
+    report.write_text("\n\n".join([
+        "# Proof run (`make proof`, config/proof.yaml)",
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {describe_machine()}",
+        "Variants: " + "; ".join(f"`{n}`: bridge {json.dumps(VARIANTS[n])}" for n in names),
+        "## Run time", markdown(pd.DataFrame(timings)),
+        "## Trajectories (medians per transition; targets: Spearman >= 0.8, landing in "
+        "[0.7, 1.3], p(target) last >= 0.9)", markdown(pd.DataFrame(trajectories)),
+        "## Downstream (paired difference to `none` over seeds, 95% t-interval)",
+        markdown(pd.DataFrame(downstream)),
+        "## Fidelity (class all; `adm` = classifier-guided samples of the diffusion model)",
+        markdown(pd.DataFrame(fidelity)),
+    ]) + "\n")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=["reference", "posterior"],
+                        choices=sorted(VARIANTS))
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--collect-only", action="store_true",
+                        help="only gather the tables and figures of finished variants")
+    args = parser.parse_args()
+    seconds = {}
+    if not args.collect_only:
+        for name in args.variants:
+            share_checkpoints(args.variants[0], name)
+            seconds[name] = run_variant(name, args.cores)
+    print(collect(args.variants, seconds))
+
+
+if __name__ == "__main__":
+    main()
