@@ -1,13 +1,16 @@
 """Training checkpoints: safetensors weights, a JSON state file, optimizer state beside them.
 
 A checkpoint is a folder ``step-NNNNNNN/`` that appears in one rename once all its files are
-written, so a job killed mid-save leaves the previous checkpoint as the latest. Nothing is
+written, so a job killed mid-save leaves the previous checkpoint as the latest. Each carries the
+SHA-256 of its files (``checksums.json``), checked with the finiteness of its weights before a
+resume (:func:`verify_checkpoint`), so flipped bytes never train on silently. Nothing is
 unpickled on load: weights are safetensors, the optimizer state is read with
 ``torch.load(weights_only=True)`` (tensors and plain containers only).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -22,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+CHECKSUM_FILE = "checksums.json"
+PARTIAL_PREFIX = ".partial-step-"
 
 
 class CheckpointError(ValueError):
@@ -37,18 +42,72 @@ def save_checkpoint(
 ) -> Path:
     """Write ``weights`` (name -> state dict) as ``<name>.safetensors`` and the rest beside."""
     final = directory / f"step-{step:07d}"
-    staging = directory / f".partial-step-{step:07d}-{os.getpid()}"
+    staging = directory / f"{PARTIAL_PREFIX}{step:07d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name, tensors in weights.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  staging / f"{name}.safetensors")
-    torch.save(optimizer_state, staging / OPTIMIZER_FILE)
-    (staging / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+    try:
+        staging.mkdir(parents=True)
+        for name, tensors in weights.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      staging / f"{name}.safetensors")
+        torch.save(optimizer_state, staging / OPTIMIZER_FILE)
+        (staging / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
+        checksums = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
+        (staging / CHECKSUM_FILE).write_text(json.dumps(checksums, indent=2))
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a full disk as "enforce fail ... unexpected pos": say what it is
+        shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(directory).free / 2 ** 20 if directory.exists() else 0.0
+        raise CheckpointError(f"{final}: writing the checkpoint failed ({err}); {free:.0f} MiB "
+                              f"free on that disk") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
     return final
+
+
+def remove_partial_checkpoints(directory: Path) -> list[Path]:
+    """Delete the staging folders of saves that never finished (a killed job, a full disk)."""
+    partial = sorted(directory.glob(f"{PARTIAL_PREFIX}*")) if directory.is_dir() else []
+    for folder in partial:
+        shutil.rmtree(folder, ignore_errors=True)
+    return partial
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Raise CheckpointError unless every file matches its checksum and every weight is finite.
+
+    Checkpoints written before checksums existed are checked for finite weights only.
+    """
+    listed = checkpoint / CHECKSUM_FILE
+    if listed.is_file():
+        try:
+            checksums = json.loads(listed.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{listed}: not valid JSON ({err})") from None
+        for name, expected in checksums.items():
+            path = checkpoint / name
+            if not path.is_file():
+                raise CheckpointError(f"{path}: missing")
+            if _sha256(path) != expected:
+                raise CheckpointError(f"{path}: checksum mismatch (the file changed after it "
+                                      f"was written)")
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path}: unreadable or truncated ({err})") from None
+        bad = sorted(name for name, tensor in tensors.items()
+                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+        if bad:
+            raise CheckpointError(f"{path}: non-finite values in {_short(bad)}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -106,6 +165,32 @@ def load_optimizer_state(path: Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable, truncated or not plain tensors ({err})"
                               ) from None
+
+
+def load_state_dict_file(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """A user-supplied weights file (``key`` names its config entry) as a dict of tensors.
+
+    Safetensors, or a PyTorch pickle read with ``torch.load(weights_only=True)``: a pickle that
+    holds anything but tensors and plain containers, such as a planted object whose unpickling
+    would run code, is refused before any of it runs.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weights file not found ({key})")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{path} ({key}): unreadable safetensors file ({err})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} ({key}): not a plain file of tensors, refused without "
+                         f"unpickling it ({str(err).splitlines()[0]})") from None
+    if not isinstance(state, Mapping) or not all(
+            isinstance(name, str) and isinstance(value, torch.Tensor)
+            for name, value in state.items()):
+        raise ValueError(f"{path} ({key}): expected a state dict of named tensors")
+    return dict(state)
 
 
 def _short(keys: list[str], limit: int = 5) -> str:

@@ -215,7 +215,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T).
 
     Fitted on held-out images (the validation split), it makes p(target | frame) a calibrated
-    probability without changing any prediction. Searched over log T in [1/20, 20].
+    probability without changing any prediction. Searched over log T in [1/20, 20]. Images that
+    are all classified correctly carry no calibration information (their NLL only falls as
+    T -> 0, towards hard 0/1 posteriors), so then T stays 1: the classifier's own softmax.
     """
     from scipy.optimize import minimize_scalar
 
@@ -223,6 +225,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     if logits.ndim != 2 or len(logits) != len(labels) or not len(labels):
         raise ValueError(f"need (n, C) logits and n labels, n >= 1; got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
+
+    if bool((logits.argmax(dim=1) == labels).all()):
+        return 1.0
 
     def nll(log_temperature: float) -> float:
         scaled = logits / float(np.exp(log_temperature))

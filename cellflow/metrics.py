@@ -12,6 +12,7 @@ layer of a network trained on the dataset's real images only. Column names carry
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from cellflow.checkpoint import load_state_dict_file
 from cellflow.downstream import create_backbone
 from cellflow.training import to_model_range
 
@@ -58,13 +60,22 @@ def domain_feature_network(backbone: str, num_classes: int, resolution: int,
 
 
 def inception_feature_network(weights: Path) -> nn.Module:
-    """Inception-v3 pool3 (2048-d) features, weights from a local file."""
+    """Inception-v3 pool3 (2048-d) features, weights from a local file.
+
+    torch-fidelity unpickles its weights file with ``weights_only=False``, which would run any
+    code planted in it; so the file is read here with ``weights_only=True`` first, and the
+    network gets a copy holding only those tensors.
+    """
     if not weights.is_file():
         raise FileNotFoundError(
             f"Inception weights not found at {weights} (evaluation.inception_weights); "
             f"download {INCEPTION_WEIGHTS_URL} on a machine with network access")
-    return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
-                              feature_extractor_weights_path=str(weights))
+    state = load_state_dict_file(weights, "evaluation.inception_weights")
+    with tempfile.TemporaryDirectory(prefix="cellflow-inception-") as folder:
+        tensors_only = Path(folder) / "weights.pth"
+        torch.save(state, tensors_only)
+        return NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                  feature_extractor_weights_path=str(tensors_only))
 
 
 @dataclass(frozen=True)

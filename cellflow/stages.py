@@ -99,6 +99,7 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
     grid_labels = torch.arange(len(spec.dataset.classes)).repeat_interleave(samples["per_class"])
     generator = torch.Generator().manual_seed(spec.seed)
     ema_unet = result.ema.eval()
+    require_finite(ema_unet, f"diffusion model of {spec.dataset.name}")
     sampled = ddim_sample(ema_unet, spec.noise_schedule, grid_labels, samples["ddim_steps"],
                           generator)
 
@@ -108,6 +109,16 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
         save_sample_grid(sampled, len(spec.dataset.classes), staging / "samples.png")
         _write_common(staging, result, spec, fingerprint, "diffusion")
     return result
+
+
+def require_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse to export weights with NaN or infinity: every later stage would run on them."""
+    bad = [name for name, tensor in model.state_dict().items()
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise FloatingPointError(f"the trained {what} has non-finite weights in "
+                                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+                                 "it is not exported")
 
 
 def build_classifier(architecture: Mapping[str, Any], sample_size: int, num_classes: int
@@ -149,6 +160,7 @@ def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_
         checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
         description=f"classifier {spec.dataset.name}",
     )
+    require_finite(result.ema, f"classifier of {spec.dataset.name}")
     val_images, val_labels = load_split(manifest, "val")
     evaluation = spec.settings["eval"]
     table = accuracy_by_timestep(result.ema.eval(), spec.noise_schedule, val_images, val_labels,

@@ -236,5 +236,7 @@ def test_temperature_scaling_recovers_a_known_temperature():
     logits = 3 * torch.randn(6000, 3, generator=generator)
     labels = torch.multinomial(torch.softmax(logits / 2.5, dim=1), 1, generator=generator)[:, 0]
     assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.1)
+    # perfectly separated images cannot calibrate: the softmax is left as it is
+    assert fit_temperature(torch.tensor([[5.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1])) == 1.0
     with pytest.raises(ValueError, match="need \\(n, C\\) logits"):
         fit_temperature(torch.zeros(0, 3), torch.zeros(0))

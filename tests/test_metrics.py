@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -97,6 +99,41 @@ def test_inception_weights_load_from_a_local_file_only(tmp_path, monkeypatch):
         torch.testing.assert_close(tensor, reference[name])
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32), dtype=np.uint8)
     assert FeatureSpace("inception", network, "test").features(images).shape == (2, 2048)
+
+
+class _Payload:
+    """Unpickling this runs Path.touch: what a planted weights file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_as_inception_weights_is_refused_unrun(tmp_path):
+    marker = tmp_path / "payload-ran"
+    planted = tmp_path / "weights-inception.pth"
+    torch.save({"conv.weight": torch.zeros(1), "extra": _Payload(marker)}, planted)
+    with pytest.raises(ValueError, match="evaluation.inception_weights.*refused"):
+        inception_feature_network(planted)
+    assert not marker.exists()
+    # the check is not vacuous: a plain unpickling of the same file runs the payload
+    torch.load(planted, weights_only=False)
+    assert marker.exists()
+
+
+def test_weights_files_must_hold_named_tensors(tmp_path):
+    from cellflow.checkpoint import load_state_dict_file
+
+    torch.save([torch.zeros(2)], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="list.pth \\(my.key\\): expected a state dict"):
+        load_state_dict_file(tmp_path / "list.pth", "my.key")
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="unreadable safetensors"):
+        load_state_dict_file(tmp_path / "bad.safetensors", "my.key")
+    with pytest.raises(FileNotFoundError, match="my.key"):
+        load_state_dict_file(tmp_path / "absent.pth", "my.key")
 
 
 def smooth_sequence(frames: int = 8, size: int = 32) -> list[np.ndarray]:

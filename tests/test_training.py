@@ -18,6 +18,7 @@ from cellflow.checkpoint import (
     load_optimizer_state,
     load_weights,
     save_checkpoint,
+    verify_checkpoint,
 )
 from cellflow.config import DatasetConfig, PrepareConfig, validate_config
 from cellflow.data import prepare_dataset
@@ -164,6 +165,61 @@ def test_bad_checkpoints_name_the_file_and_the_problem(tmp_path):
         load_optimizer_state(folder / "optimizer.pt")
 
 
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_before_it(tiles, tmp_path):
+    images, labels = tiles
+    config = train_config(steps=6, checkpoint_every=2, keep_checkpoints=3)
+    straight = train_model(fresh_unet(), diffusion_loss(), images, labels, config, 3,
+                           tmp_path / "straight", {"run": "a"})
+    four = train_config(steps=4, checkpoint_every=2, keep_checkpoints=3)
+    train_model(fresh_unet(), diffusion_loss(), images, labels, four, 3, tmp_path / "hit",
+                {"run": "a"})
+    newest = list_checkpoints(tmp_path / "hit")[-1]
+    assert newest.name == "step-0000004"
+    # 4 KiB of random bytes inside the EMA weights: the safetensors file still parses
+    ema = newest / "ema.safetensors"
+    data = bytearray(ema.read_bytes())
+    data[-5000:-904] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    ema.write_bytes(bytes(data))
+    (tmp_path / "hit" / ".partial-step-0000006-123").mkdir()  # a save that never finished
+    resumed = train_model(fresh_unet(), diffusion_loss(), images, labels, config, 3,
+                          tmp_path / "hit", {"run": "a"})
+    assert resumed.resumed_from_step == 2
+    assert (tmp_path / "hit" / "corrupt-step-0000004").is_dir()
+    assert not list((tmp_path / "hit").glob(".partial-step-*"))
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_verification_names_the_file(tmp_path):
+    model = fresh_unet()
+    folder = save_checkpoint(tmp_path, 1, {"model": model.state_dict()}, {"state": {}}, {})
+    verify_checkpoint(folder)
+    state = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**state, "step": 2}))
+    with pytest.raises(CheckpointError, match=r"state\.json: checksum mismatch"):
+        verify_checkpoint(folder)
+    weights = model.state_dict()
+    weights["conv_in.bias"] = torch.full_like(weights["conv_in.bias"], float("nan"))
+    folder = save_checkpoint(tmp_path, 3, {"model": weights}, {"state": {}}, {})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: non-finite values in "
+                                              r"\[conv_in\.bias\]"):
+        verify_checkpoint(folder)
+
+
+def test_a_failed_save_names_the_checkpoint_and_leaves_no_partial_folder(tmp_path, monkeypatch):
+    import cellflow.checkpoint as checkpoint
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2861312")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=r"step-0000005: writing the checkpoint failed "
+                                              r"\(.*unexpected pos.*MiB free"):
+        save_checkpoint(tmp_path, 5, {"model": fresh_unet().state_dict()}, {"state": {}}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_of_another_configuration_is_refused(tiles, tmp_path):
     images, labels = tiles
     config = train_config(steps=2, checkpoint_every=2)
@@ -259,3 +315,15 @@ def test_classifier_beats_chance_at_small_t(prepared_manifest, tmp_path):
     on_disk = pd.read_csv(tmp_path / "classifier" / "accuracy_by_t.tsv", sep="\t")
     pd.testing.assert_frame_equal(on_disk, table)
     assert (tmp_path / "classifier" / "classifier" / "config.json").is_file()
+
+
+def test_non_finite_weights_are_never_exported():
+    from cellflow.stages import require_finite
+
+    model = fresh_unet()
+    require_finite(model, "diffusion model of toy")
+    with torch.no_grad():
+        model.conv_in.weight[0, 0, 0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="diffusion model of toy has non-finite weights "
+                                                 "in conv_in.weight"):
+        require_finite(model, "diffusion model of toy")

@@ -36,8 +36,11 @@ if [ ! -f "$env_dir/.cellflow-complete" ]; then
 fi
 
 # Clones share the environment, so the package is (re)linked to whichever clone runs set-up.
-if ! "$env_dir/bin/python" -c "import sys, cellflow; sys.exit(cellflow.__file__ != sys.argv[1])" \
-    "$repo/cellflow/__init__.py" 2>/dev/null; then
+# The check runs from / : from the clone, `import cellflow` would find ./cellflow whatever is
+# installed, and a copy from another clone would stay in the environment unnoticed.
+if ! (cd / && "$env_dir/bin/python" -c \
+    "import sys, cellflow; sys.exit(cellflow.__file__ != sys.argv[1])" \
+    "$repo/cellflow/__init__.py" 2>/dev/null); then
     "$env_dir/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$repo"
 fi
 
