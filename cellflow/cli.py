@@ -53,7 +53,7 @@ def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
 
 
 def generate(method: str, spec_json: str, manifest: str, diffusion: str, classifier: str,
-             out: str, threads: int | None, log_file: str | None) -> int:
+             out: str, work: str | None, threads: int | None, log_file: str | None) -> int:
     """Cellflow trajectories or a generative baseline for one dataset."""
     import json
 
@@ -66,14 +66,16 @@ def generate(method: str, spec_json: str, manifest: str, diffusion: str, classif
     dataset = DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"])
     schedule = NoiseSchedule(**spec["noise_schedule"])
     models = (Path(diffusion), Path(classifier))
+    work_dir = Path(work) if work else None
     if method == "cellflow":
-        generate_cellflow(dataset, schedule, spec["bridge"], Path(manifest), *models, Path(out))
+        generate_cellflow(dataset, schedule, spec["bridge"], Path(manifest), *models, Path(out),
+                          work_dir)
     elif method == "ddib":
         generate_ddib(dataset, schedule, spec["bridge"], spec["baselines"]["ddib"],
-                      Path(manifest), *models, Path(out))
+                      Path(manifest), *models, Path(out), work_dir)
     else:
         generate_adm(dataset, schedule, spec["bridge"], spec["baselines"]["adm"], spec["seed"],
-                     *models, Path(out))
+                     *models, Path(out), work_dir)
     return 0
 
 
@@ -282,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--diffusion", required=True, help="trained diffusion model folder")
     make.add_argument("--classifier", required=True, help="trained classifier folder")
     make.add_argument("--out", required=True, help="output folder (replaced at the end)")
+    make.add_argument("--work", help="folder for finished batches, so that a rerun resumes "
+                                     "(outside the outputs; removed when they are complete)")
     make.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     make.add_argument("--log", help="write logging and progress to this file")
     down = commands.add_parser("downstream", help="downstream classifier runs and tables")
@@ -345,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         return downstream(args)
     if args.command == "generate":
         return generate(args.method, args.spec, args.manifest, args.diffusion, args.classifier,
-                        args.out, args.threads, args.log)
+                        args.out, args.work, args.threads, args.log)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "train":

@@ -19,11 +19,13 @@ split only: validation and test images never feed a generator.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from cellflow.data import load_images
 from cellflow.diffusion import NoiseSchedule
 from cellflow.figures import save_trajectory_strip
 from cellflow.io import save_png, staged_directory, write_table, write_text
+from cellflow.resume import BatchStore, folder_digest
 from cellflow.training import to_model_range
 
 log = logging.getLogger(__name__)
@@ -123,14 +126,21 @@ def _batches(table: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
 
 def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                       data_manifest: Path, diffusion_dir: Path, classifier_dir: Path,
-                      out_dir: Path) -> pd.DataFrame:
-    """Trajectories for every configured transition; returns the generation manifest."""
+                      out_dir: Path, work_dir: Path | None = None) -> pd.DataFrame:
+    """Trajectories for every configured transition; returns the generation manifest.
+
+    With ``work_dir``, every finished batch is kept there until the outputs are complete, so
+    a killed job's rerun redoes at most one batch (:class:`cellflow.resume.BatchStore`).
+    """
     config = BridgeConfig.from_dict(bridge)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     uses_posterior = "posterior" in (config.stair_selection, bridge["soft_label"])
     engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True,
                      calibration=data[data["split"] == "val"] if uses_posterior else None,
                      calibration_root=data_manifest.parent)
+    store = BatchStore(work_dir, {"method": "cellflow", "bridge": asdict(config),
+                                  "temperature": engine.temperature,
+                                  "models": folder_digest(diffusion_dir, classifier_dir)})
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, stairs_rows, fourier_rows = [], [], []
     counter = EvaluationCounter()
@@ -138,17 +148,18 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
     with staged_directory(out_dir) as staging:
         for transition in _transitions(dataset):
             strip_sources, strip_frames, strip_stairs = [], [], []
-            for batch, images, source_labels, target_labels in _source_batches(
+            for index, (batch, images, source_labels, target_labels) in enumerate(_source_batches(
                     data, data_manifest.parent, transition, bridge["sources_per_transition"],
-                    bridge["batch_size"], label_of, "cellflow"):
-                result = engine.trajectories(images, source_labels, target_labels)
-                _add_counts(counter, result.counter)
-                frames = to_uint8(result.frames.flatten(0, 1)).reshape(
-                    len(batch), config.frames, *result.frames.shape[-2:], 3)
+                    bridge["batch_size"], label_of, "cellflow")):
+                result = store.get_or_compute(
+                    _batch_name(transition, index, batch),
+                    partial(_trajectory_arrays, engine, images, source_labels, target_labels))
+                _add_counts(counter, EvaluationCounter(*result["counter"].tolist()))
+                frames = result["frames"]
                 for b, source_id in enumerate(batch["id"]):
                     folder = f"frames/{source_id}__{transition.source}-to-{transition.target}"
                     for m in range(config.frames):
-                        stair = int(result.stairs[b, m])
+                        stair = int(result["stairs"][b, m])
                         path = f"{folder}/{m + 1:02d}.png"
                         save_png(staging / path, frames[b, m])
                         rows.append(_row("cellflow", source_id, transition, label_of, m + 1,
@@ -156,23 +167,23 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                                          soft_label_weight(
                                              bridge["soft_label"], m + 1, config.frames, stair,
                                              config.inversion_steps,
-                                             float(result.target_probability[b, m])), path))
+                                             float(result["target_probability"][b, m])), path))
                     fourier_rows += [
                         {"source_id": source_id, "target_class": transition.target,
                          "level": level + 1, "measure": float(value)}
-                        for level, value in enumerate(result.measures[b])]
+                        for level, value in enumerate(result["measures"][b])]
                     stairs_rows += [
                         {"source_id": source_id, "target_class": transition.target,
                          "frame_index": m + 1, "stair": int(s),
-                         "stair_rule": result.stair_rule[b],
-                         "target_probability": float(result.target_probability[b, m]),
-                         "source_target_probability": float(result.source_probability[b])}
-                        for m, s in enumerate(result.stairs[b])]
+                         "stair_rule": str(result["stair_rule"][b]),
+                         "target_probability": float(result["target_probability"][b, m]),
+                         "source_target_probability": float(result["source_probability"][b])}
+                        for m, s in enumerate(result["stairs"][b])]
                 if len(strip_sources) < bridge["strip_sources"]:
                     keep = bridge["strip_sources"] - len(strip_sources)
                     strip_sources += list(to_uint8(images[:keep]))
                     strip_frames += list(frames[:keep])
-                    strip_stairs += [list(map(int, s)) for s in result.stairs[:keep]]
+                    strip_stairs += [list(map(int, s)) for s in result["stairs"][:keep]]
             target_example = _real_example(data, data_manifest.parent, transition.target)
             save_trajectory_strip(
                 strip_sources, strip_frames, strip_stairs, target_example,
@@ -186,6 +197,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
         first_frames = stairs_table[stairs_table["frame_index"] == 1]
         _write_summary(staging, "cellflow", config, counter, len(first_frames),
                        time.perf_counter() - started, {
+                           "batches_resumed": store.reused,
                            "soft_label": bridge["soft_label"],
                            "temperature": engine.temperature,
                            "stair_rules": first_frames["stair_rule"].value_counts().to_dict(),
@@ -193,26 +205,51 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                            "unet_evaluations_beyond_stairs": counter.unet_evaluations - int(
                                len(first_frames) * config.inversion_steps
                                + stairs_table["stair"].sum())})
+    store.clear()
     return manifest
+
+
+def _trajectory_arrays(engine: StairBridge, images: torch.Tensor, source_labels: torch.Tensor,
+                       target_labels: torch.Tensor) -> dict[str, np.ndarray]:
+    """One batch of trajectories as plain arrays: what the outputs are written from."""
+    result = engine.trajectories(images, source_labels, target_labels)
+    frames = to_uint8(result.frames.flatten(0, 1)).reshape(
+        len(images), engine.config.frames, *result.frames.shape[-2:], 3)
+    return {"frames": frames, "stairs": result.stairs, "measures": result.measures,
+            "target_probability": result.target_probability,
+            "source_probability": result.source_probability,
+            "stair_rule": np.array(result.stair_rule, dtype=str),
+            "counter": np.array(list(asdict(result.counter).values()))}
+
+
+def _batch_name(transition: Transition, index: int, batch: pd.DataFrame) -> str:
+    """A stored batch's name: its place, and a digest of its sources (a changed split is new)."""
+    sources = hashlib.sha256("\n".join(batch["id"]).encode()).hexdigest()[:12]
+    return f"{transition.source}-to-{transition.target}-{index:05d}-{sources}"
 
 
 def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                   ddib: dict[str, Any], data_manifest: Path, diffusion_dir: Path,
-                  classifier_dir: Path, out_dir: Path) -> pd.DataFrame:
+                  classifier_dir: Path, out_dir: Path, work_dir: Path | None = None
+                  ) -> pd.DataFrame:
     """DDIB translations (endpoints only, hard target labels) for every transition."""
     config = BridgeConfig.from_dict(bridge)
     engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=False)
+    store = BatchStore(work_dir, {"method": "ddib", "bridge": asdict(config),
+                                  "models": folder_digest(diffusion_dir)})
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:
         for transition in _transitions(dataset):
-            for batch, images, source_labels, target_labels in _source_batches(
+            for index, (batch, images, source_labels, target_labels) in enumerate(_source_batches(
                     data, data_manifest.parent, transition, ddib["sources_per_transition"],
-                    bridge["batch_size"], label_of, "ddib"):
-                translated, used = engine.ddib(images, source_labels, target_labels)
-                _add_counts(counter, used)
-                for source_id, image in zip(batch["id"], to_uint8(translated), strict=True):
+                    bridge["batch_size"], label_of, "ddib")):
+                result = store.get_or_compute(
+                    _batch_name(transition, index, batch),
+                    partial(_image_arrays, engine.ddib, images, source_labels, target_labels))
+                _add_counts(counter, EvaluationCounter(*result["counter"].tolist()))
+                for source_id, image in zip(batch["id"], result["images"], strict=True):
                     path = f"images/{source_id}__{transition.source}-to-{transition.target}.png"
                     save_png(staging / path, image)
                     rows.append(_row("ddib", source_id, transition, label_of, 1,
@@ -220,27 +257,39 @@ def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[
                                      engine.respaced.timestep(config.inversion_steps), 1.0, path))
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         write_table(staging / "manifest.tsv", manifest)
-        _write_summary(staging, "ddib", config, counter, len(rows), time.perf_counter() - started)
+        _write_summary(staging, "ddib", config, counter, len(rows), time.perf_counter() - started,
+                       {"batches_resumed": store.reused})
+    store.clear()
     return manifest
 
 
 def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                  adm: dict[str, Any], seed: int, diffusion_dir: Path, classifier_dir: Path,
-                 out_dir: Path) -> pd.DataFrame:
-    """Classifier-guided class-conditional DDIM samples, ``per_class`` of every class."""
+                 out_dir: Path, work_dir: Path | None = None) -> pd.DataFrame:
+    """Classifier-guided class-conditional DDIM samples, ``per_class`` of every class.
+
+    Each batch draws its noise from its own generator, seeded by (seed, class, first sample),
+    so a resumed job's samples equal an uninterrupted job's.
+    """
     config = BridgeConfig.from_dict({**bridge, "classifier_scale": adm["classifier_scale"]})
     engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True)
-    generator = torch.Generator().manual_seed(seed)
+    store = BatchStore(work_dir, {"method": "adm", "bridge": asdict(config), "seed": seed,
+                                  "models": folder_digest(diffusion_dir, classifier_dir)})
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:
         for label, name in enumerate(dataset.classes):
             for first in tqdm(range(0, adm["per_class"], bridge["batch_size"]),
                               desc=f"adm {name}"):
                 count = min(bridge["batch_size"], adm["per_class"] - first)
-                samples, used = engine.sample(torch.full((count,), label), generator,
-                                              dataset.resolution)
-                _add_counts(counter, used)
-                for offset, image in enumerate(to_uint8(samples)):
+                generator = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([seed, label, first]).generate_state(1)[0]))
+                result = store.get_or_compute(
+                    f"{name}-{first:05d}-{count}",
+                    partial(_image_arrays, lambda labels, noise: engine.sample(
+                        labels, noise, dataset.resolution), torch.full((count,), label),
+                        generator))
+                _add_counts(counter, EvaluationCounter(*result["counter"].tolist()))
+                for offset, image in enumerate(result["images"]):
                     sample_id = f"adm_{name}_{first + offset:04d}"
                     path = f"images/{name}/{sample_id}.png"
                     save_png(staging / path, image)
@@ -252,8 +301,17 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
                         "soft_label_weight": 1.0, "path": path})
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         write_table(staging / "manifest.tsv", manifest)
-        _write_summary(staging, "adm", config, counter, len(rows), time.perf_counter() - started)
+        _write_summary(staging, "adm", config, counter, len(rows), time.perf_counter() - started,
+                       {"batches_resumed": store.reused})
+    store.clear()
     return manifest
+
+
+def _image_arrays(method: Callable[..., tuple[torch.Tensor, EvaluationCounter]], *inputs: Any
+                  ) -> dict[str, np.ndarray]:
+    """One batch of a one-image-per-input method (DDIB, ADM) as plain arrays."""
+    images, used = method(*inputs)
+    return {"images": to_uint8(images), "counter": np.array(list(asdict(used).values()))}
 
 
 def _transitions(dataset: DatasetConfig) -> tuple[Transition, ...]:

@@ -75,10 +75,13 @@ def replace_dir(staged: Path, final: Path) -> None:
 def staged_directory(final: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside ``final`` that replaces it only if the block succeeds.
 
-    A failed or killed run leaves ``final`` as it was (a previous result, or nothing).
+    A failed or killed run leaves ``final`` as it was (a previous result, or nothing); the
+    staging folders a killed run could not remove are removed by the next one.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
     try:
         yield staging

@@ -223,15 +223,10 @@ def test_ddib_and_adm_baselines(models, sources):
     assert used.classifier_evaluations == 2 * 10
 
 
-def test_generation_stages_write_one_manifest_format(models, tmp_path):
-    from cellflow.config import PrepareConfig, validate_config
+def _toy_generation(models, tmp_path):
+    """A 3-class synthetic dataset, prepared, and the tiny models saved as generation inputs."""
+    from cellflow.config import DatasetConfig, PrepareConfig, validate_config
     from cellflow.data import prepare_dataset
-    from cellflow.generate import (
-        MANIFEST_COLUMNS,
-        generate_adm,
-        generate_cellflow,
-        generate_ddib,
-    )
     from cellflow.synthetic import generate_dataset
 
     unet, classifier = models
@@ -240,16 +235,25 @@ def test_generation_stages_write_one_manifest_format(models, tmp_path):
     config = validate_config({"datasets": {"toy": {
         "kind": "synthetic", "resolution": SIZE, "classes": ["a", "b", "c"],
         "transitions": [{"source": "a", "target": "c"}]}}})
-    from cellflow.config import DatasetConfig
-
     dataset = DatasetConfig.from_dict("toy", config["datasets"]["toy"])
     generate_dataset(tmp_path / "raw", ["a", "b", "c"], 8, SIZE, seed=0)
     prepare_dataset(dataset, PrepareConfig("exclude", "upscale", "drop", 4),
                     tmp_path / "raw" / "images", tmp_path / "data", seed=0, threads=1)
-    data = pd.read_csv(tmp_path / "data" / "manifest.tsv", sep="\t", keep_default_na=False)
     bridge = dict(config["bridge"], inversion_steps=10, frames=3, batch_size=2,
                   sources_per_transition=3, strip_sources=2)
-    models_dirs = (tmp_path / "diffusion", tmp_path / "classifier")
+    return dataset, bridge, (tmp_path / "diffusion", tmp_path / "classifier")
+
+
+def test_generation_stages_write_one_manifest_format(models, tmp_path):
+    from cellflow.generate import (
+        MANIFEST_COLUMNS,
+        generate_adm,
+        generate_cellflow,
+        generate_ddib,
+    )
+
+    dataset, bridge, models_dirs = _toy_generation(models, tmp_path)
+    data = pd.read_csv(tmp_path / "data" / "manifest.tsv", sep="\t", keep_default_na=False)
 
     cellflow = generate_cellflow(dataset, SCHEDULE, bridge, tmp_path / "data" / "manifest.tsv",
                                  *models_dirs, tmp_path / "out" / "cellflow")
@@ -277,7 +281,8 @@ def test_generation_stages_write_one_manifest_format(models, tmp_path):
     assert (ddib["soft_label_weight"] == 1.0).all() and (adm["frame_index"] == 1).all()
 
     posterior = generate_cellflow(
-        dataset, SCHEDULE, dict(bridge, stair_selection="posterior", soft_label="posterior"),
+        dataset, SCHEDULE, dict(bridge, stair_selection="posterior", soft_label="posterior",
+                                posterior_candidates=4),
         tmp_path / "data" / "manifest.tsv", *models_dirs, tmp_path / "out" / "posterior")
     stairs = pd.read_csv(tmp_path / "out" / "posterior" / "stairs.tsv", sep="\t")
     assert set(stairs["stair_rule"]) <= {"posterior", "posterior-fallback"}
@@ -288,3 +293,50 @@ def test_generation_stages_write_one_manifest_format(models, tmp_path):
     summary = json.loads((tmp_path / "out" / "posterior" / "generation.json").read_text())
     assert summary["temperature"] > 0 and summary["soft_label"] == "posterior"
     assert summary["unet_evaluations_beyond_stairs"] > 0
+
+
+def test_a_killed_generation_job_resumes_to_identical_outputs(models, tmp_path, monkeypatch):
+    from cellflow.generate import generate_adm, generate_cellflow
+
+    dataset, bridge, models_dirs = _toy_generation(models, tmp_path)
+    bridge.update(inversion_steps=4, frames=2)
+    manifest = tmp_path / "data" / "manifest.tsv"
+    straight = tmp_path / "straight"
+    generate_cellflow(dataset, SCHEDULE, bridge, manifest, *models_dirs, straight / "cellflow")
+    generate_adm(dataset, SCHEDULE, bridge, {"per_class": 3, "classifier_scale": 1.0}, 0,
+                 *models_dirs, straight / "adm")
+
+    calls = {"n": 0}
+    trajectories = StairBridge.trajectories
+
+    def killed_in_the_second_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return trajectories(self, *args)
+
+    work, out = tmp_path / "checkpoints" / "cellflow", tmp_path / "resumed" / "cellflow"
+    monkeypatch.setattr(StairBridge, "trajectories", killed_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate_cellflow(dataset, SCHEDULE, bridge, manifest, *models_dirs, out, work)
+    assert not out.exists() and len(list(work.rglob("*.npz"))) == 1
+    calls["n"] = 10  # the rerun must compute only the batch that was lost
+    generate_cellflow(dataset, SCHEDULE, bridge, manifest, *models_dirs, out, work)
+    assert calls["n"] == 11
+    assert not work.exists() and not list(out.parent.glob(".cellflow.partial-*"))
+    summary = json.loads((out / "generation.json").read_text())
+    assert summary["batches_resumed"] == 1
+    expected = sorted(p.relative_to(straight / "cellflow")
+                      for p in (straight / "cellflow").rglob("*.png"))
+    assert expected == sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    for path in expected:
+        if path.parts[0] == "frames":
+            assert (out / path).read_bytes() == (straight / "cellflow" / path).read_bytes()
+    pd.testing.assert_frame_equal(pd.read_csv(out / "manifest.tsv", sep="\t"),
+                                  pd.read_csv(straight / "cellflow" / "manifest.tsv", sep="\t"))
+
+    adm_out = tmp_path / "resumed" / "adm"
+    generate_adm(dataset, SCHEDULE, bridge, {"per_class": 3, "classifier_scale": 1.0}, 0,
+                 *models_dirs, adm_out, tmp_path / "checkpoints" / "adm")
+    for path in (straight / "adm").rglob("*.png"):
+        assert (adm_out / path.relative_to(straight / "adm")).read_bytes() == path.read_bytes()

@@ -127,6 +127,12 @@ def generation_spec(wildcards):
     )
 
 
+def generation_work(wildcards, output):
+    """Where a generation job keeps its finished batches (outside its declared outputs)."""
+    method = os.path.basename(output.folder)
+    return f"results/{wildcards.dataset}/checkpoints/{method}"
+
+
 def generative_methods(dataset):
     """ADM samples every dataset; trajectories and DDIB need transitions."""
     return ["adm"] + (["cellflow", "ddib"] if DATASETS[dataset].transitions else [])

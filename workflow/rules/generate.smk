@@ -1,5 +1,7 @@
 # Generation stage: Cellflow trajectories and the DDIB and ADM baselines, per dataset.
 # All three write results/{dataset}/trajectories/{method}/manifest.tsv in one format.
+# Finished batches wait in results/{dataset}/checkpoints/{method}/, outside the outputs, so
+# a killed or timed-out job resumes; the job removes them once its outputs are complete.
 
 
 rule trajectories:
@@ -26,10 +28,12 @@ rule trajectories:
         gpu=config["bridge"]["gpus"],
     params:
         spec=generation_spec,
+        work=generation_work,
     shell:
         "python -m cellflow.cli generate cellflow --spec {params.spec:q}"
         " --manifest {input.manifest} --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --out {output.folder} --threads {threads} --log {log}"
+        " --classifier {input.classifier} --out {output.folder} --work {params.work}"
+        " --threads {threads} --log {log}"
 
 
 rule baseline_ddib:
@@ -50,10 +54,12 @@ rule baseline_ddib:
         gpu=config["bridge"]["gpus"],
     params:
         spec=generation_spec,
+        work=generation_work,
     shell:
         "python -m cellflow.cli generate ddib --spec {params.spec:q}"
         " --manifest {input.manifest} --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --out {output.folder} --threads {threads} --log {log}"
+        " --classifier {input.classifier} --out {output.folder} --work {params.work}"
+        " --threads {threads} --log {log}"
 
 
 rule baseline_adm:
@@ -74,7 +80,9 @@ rule baseline_adm:
         gpu=config["bridge"]["gpus"],
     params:
         spec=generation_spec,
+        work=generation_work,
     shell:
         "python -m cellflow.cli generate adm --spec {params.spec:q}"
         " --manifest {input.manifest} --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --out {output.folder} --threads {threads} --log {log}"
+        " --classifier {input.classifier} --out {output.folder} --work {params.work}"
+        " --threads {threads} --log {log}"
