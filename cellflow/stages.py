@@ -67,8 +67,23 @@ class StageSpec:
             "classes": list(self.dataset.classes),
             "resolution": self.dataset.resolution,
             "seed": self.seed,
-            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "training_data_sha256": training_data_digest(manifest),
         }
+
+
+def training_data_digest(manifest: Path) -> str:
+    """SHA-256 of the training split as the models see it: ids, labels and image bytes.
+
+    Not of the manifest file: its ``source_path`` column holds where the raw data sat, and
+    the same data read from another folder (a moved results/ tree) trains the same weights.
+    """
+    table = pd.read_csv(manifest, sep="\t", keep_default_na=False)
+    train = table[table["split"] == "train"].sort_values("id")
+    digest = hashlib.sha256()
+    for row in train.itertuples(index=False):
+        digest.update(f"{row.id}\t{row.label}\n".encode())
+        digest.update((manifest.parent / row.path).read_bytes())
+    return digest.hexdigest()
 
 
 def checkpoint_folder(root: Path, fingerprint: Mapping[str, Any]) -> Path:

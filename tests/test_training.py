@@ -327,3 +327,21 @@ def test_non_finite_weights_are_never_exported():
     with pytest.raises(FloatingPointError, match="diffusion model of toy has non-finite weights "
                                                  "in conv_in.weight"):
         require_finite(model, "diffusion model of toy")
+
+
+def test_training_data_digest_follows_the_data_not_where_it_was_read(prepared_manifest,
+                                                                      tmp_path):
+    import shutil
+
+    from cellflow.stages import training_data_digest
+
+    moved = tmp_path / "elsewhere" / "data"
+    shutil.copytree(prepared_manifest.parent, moved)
+    table = pd.read_csv(moved / "manifest.tsv", sep="\t", keep_default_na=False)
+    table["source_path"] = "/another/place/" + table["source_path"].astype(str)
+    table.to_csv(moved / "manifest.tsv", sep="\t", index=False)
+    assert training_data_digest(moved / "manifest.tsv") == training_data_digest(prepared_manifest)
+    first_train = table[table["split"] == "train"].sort_values("id").iloc[0]
+    image = moved / first_train["path"]
+    image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
+    assert training_data_digest(moved / "manifest.tsv") != training_data_digest(prepared_manifest)
