@@ -300,5 +300,7 @@ def score_trajectories(model: GaussianImageModel, sources: torch.Tensor, frames:
             "mahalanobis_target_last": float(distance[b, -1, target]),
             "posterior": posterior[b].round(4).tolist(),
             "position": position[b].round(4).tolist(),
+            "mahalanobis_source": distance[b, :, source].round(3).tolist(),
+            "mahalanobis_target": distance[b, :, target].round(3).tolist(),
         })
     return rows
