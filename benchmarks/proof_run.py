@@ -4,10 +4,12 @@ Each variant is the same config with other bridge settings, run as its own Snake
 directory ``benchmarks/proof/<variant>/`` (its ``results/`` and ``logs/`` are the usual tree).
 The variants share the data and the trained models: the first variant trains, the others
 start from a hard-linked copy of its training checkpoints, so their training jobs resume at the
-last step and only export. Afterwards the tables and figures a reader needs are collected in
+last step and only export. The first variant runs the whole DAG; the others build only what a
+bridge setting changes (:data:`VARIANT_TARGETS`): the baselines and their evaluation would be
+the first variant's again. Afterwards the tables and figures a reader needs are collected in
 ``benchmarks/results/proof.md`` and ``benchmarks/results/proof/<variant>/``, with the machine.
 
-    python -m benchmarks.proof_run [--variants reference posterior] [--cores 2]
+    python -m benchmarks.proof_run [--variants reference posterior] [--run ...] [--cores 2]
 
 A rerun resumes: Snakemake skips every finished job of every variant.
 """
@@ -41,6 +43,10 @@ VARIANTS: dict[str, dict[str, object]] = {
                   "soft_label": "posterior"},
     "posterior-linear": {"timestep_spacing": "quadratic", "stair_selection": "posterior"},
 }
+# What a later variant builds: its trajectories, their analysis and the downstream comparison.
+VARIANT_TARGETS = [f"results/{DATASET}/evaluation/trajectories/summary.tsv",
+                   f"results/{DATASET}/evaluation/coherence.tsv",
+                   f"results/{DATASET}/downstream/summary.tsv"]
 # Figures worth a look, copied next to the tables.
 FIGURES = {
     "models/diffusion/samples.png": "diffusion_samples.png",
@@ -70,12 +76,12 @@ def share_checkpoints(first: str, name: str) -> None:
         shutil.copytree(source, destination, copy_function=os.link)
 
 
-def run_variant(name: str, cores: int) -> float:
+def run_variant(name: str, cores: int, targets: list[str]) -> float:
     config = variant_config(name)
     started = time.perf_counter()
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                "--directory", str(WORK / name), "--configfile", str(config),
-               "--cores", str(cores)]
+               "--cores", str(cores), *targets]
     environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
                        f"{os.environ.get('PATH', '')}")
     with (WORK / f"{name}.log").open("a") as log:
@@ -191,16 +197,17 @@ def collect(names: list[str], seconds: dict[str, float]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", default=["reference", "posterior"],
-                        choices=sorted(VARIANTS))
+                        choices=sorted(VARIANTS), help="the first one runs the whole DAG")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--collect-only", action="store_true",
-                        help="only gather the tables and figures of finished variants")
+    parser.add_argument("--run", nargs="*", choices=sorted(VARIANTS),
+                        help="run only these of the variants (default: all; none: only "
+                             "gather the tables and figures of finished ones)")
     args = parser.parse_args()
     seconds = {}
-    if not args.collect_only:
-        for name in args.variants:
+    for index, name in enumerate(args.variants):
+        if args.run is None or name in args.run:
             share_checkpoints(args.variants[0], name)
-            seconds[name] = run_variant(name, args.cores)
+            seconds[name] = run_variant(name, args.cores, VARIANT_TARGETS if index else [])
     print(collect(args.variants, seconds))
 
 

@@ -60,15 +60,24 @@ class StageSpec:
 
     def fingerprint(self, model: str, manifest: Path) -> dict[str, Any]:
         """What the trained weights depend on; checkpoints of another fingerprint never mix."""
+        train = {key: value for key, value in self.settings["train"].items()
+                 if key not in _NOT_IN_WEIGHTS}
         return {
             "model": model,
-            "settings": json.loads(json.dumps(self.settings)),
+            "settings": json.loads(json.dumps({"model": self.settings["model"],
+                                               "train": train})),
             "noise_schedule": asdict(self.noise_schedule),
             "classes": list(self.dataset.classes),
             "resolution": self.dataset.resolution,
             "seed": self.seed,
             "training_data_sha256": training_data_digest(manifest),
         }
+
+
+# Training settings that change when and where the work is saved, not the weights: changing
+# them resumes the same checkpoints (the sample grid and the classifier's evaluation settings
+# are not part of the fingerprint either).
+_NOT_IN_WEIGHTS = ("runtime_minutes", "checkpoint_every", "keep_checkpoints")
 
 
 def training_data_digest(manifest: Path) -> str:

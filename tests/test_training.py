@@ -345,3 +345,16 @@ def test_training_data_digest_follows_the_data_not_where_it_was_read(prepared_ma
     image = moved / first_train["path"]
     image.write_bytes(image.read_bytes()[:-1] + bytes([image.read_bytes()[-1] ^ 1]))
     assert training_data_digest(moved / "manifest.tsv") != training_data_digest(prepared_manifest)
+
+
+def test_checkpoint_cadence_and_time_limits_keep_the_fingerprint(prepared_manifest):
+    config = stage_config()
+    spec = stage_spec(config, "diffusion")
+    reference = spec.fingerprint("diffusion", prepared_manifest)
+    for key, value in (("checkpoint_every", 1), ("keep_checkpoints", 5),
+                       ("runtime_minutes", 600)):
+        config["diffusion"]["train"][key] = value
+    config["diffusion"]["samples"]["per_class"] = 9
+    assert stage_spec(config, "diffusion").fingerprint("diffusion", prepared_manifest) == reference
+    config["diffusion"]["train"]["learning_rate"] *= 2
+    assert stage_spec(config, "diffusion").fingerprint("diffusion", prepared_manifest) != reference

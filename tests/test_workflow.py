@@ -178,6 +178,45 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     assert "train_classifier" not in rerun and "prepare_data" not in rerun
 
 
+def _reordered(value):
+    """The same config with every mapping's keys in reverse order."""
+    if isinstance(value, dict):
+        return {key: _reordered(value[key]) for key in reversed(list(value))}
+    return value
+
+
+@pytest.mark.slow
+def test_settings_that_do_not_change_a_result_replan_nothing(demo_run, tmp_path):
+    workdir, config = demo_run
+    base = yaml.safe_load(config.read_text())
+
+    def dry_run(edit) -> dict[str, int]:
+        changed = _reordered(base) if edit is None else json.loads(json.dumps(base))
+        if edit is not None:
+            edit(changed)
+        path = tmp_path / "changed.yaml"
+        path.write_text(yaml.safe_dump(changed, sort_keys=False))
+        result = snakemake(workdir, "-n", "--cores", "2", "--configfile", str(path))
+        if "Nothing to be done" in result.stdout + result.stderr:
+            return {}
+        return job_counts(result.stdout)
+
+    def longer_time_limits(changed):
+        for section in (changed["bridge"], changed["diffusion"]["train"],
+                        changed["classifier"]["train"], changed["downstream"]["train"]):
+            section["runtime_minutes"] = 240
+        changed.setdefault("evaluation", {})["runtime_minutes"] = 240
+
+    assert dry_run(longer_time_limits) == {}
+    assert dry_run(None) == {}  # the same values in another key order
+    more_adm = dry_run(lambda changed: changed["baselines"]["adm"].update(per_class=2))
+    assert "baseline_adm" in more_adm
+    assert not {"trajectories", "baseline_ddib", "train_downstream"} & set(more_adm)
+    another_seed = dry_run(lambda changed: changed["downstream"].update(seeds=[0, 1]))
+    assert another_seed["train_downstream"] == len(base["downstream"]["strategies"])
+    assert "fidelity" not in another_seed and "trajectories" not in another_seed
+
+
 @pytest.mark.slow
 def test_demo_evaluation_tables(demo_run):
     workdir, _ = demo_run

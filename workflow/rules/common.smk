@@ -57,6 +57,28 @@ wildcard_constraints:
     image_set=choice(IMAGE_SETS),
 
 
+# Settings that only size a job (a cluster time limit, a device count). They stay out of every
+# job's params, so raising a time limit after a time-out never replans finished work.
+RESOURCE_KEYS = ("runtime_minutes", "gpus")
+# The bridge settings the DDIB and ADM baselines use; the rest are Cellflow's own.
+BASELINE_BRIDGE_KEYS = (
+    "inversion_steps",
+    "timestep_spacing",
+    "batch_size",
+    "max_rows_per_call",
+)
+
+
+def canonical(value):
+    """A copy with every dict in sorted key order: Snakemake compares params as printed, so a
+    config that lists the same values in another order must print the same."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def without_resources(section, keep=()):
+    return {k: v for k, v in section.items() if k not in RESOURCE_KEYS or k in keep}
+
+
 def attempt_scaled(base):
     """A resource that grows with each retry, so a job killed for memory or time gets more."""
 
@@ -68,7 +90,7 @@ def attempt_scaled(base):
 
 def dataset_entry(wildcards):
     """The validated config of one dataset, passed to the entry points as plain data."""
-    return config["datasets"][wildcards.dataset]
+    return canonical(config["datasets"][wildcards.dataset])
 
 
 def raw_root(wildcards):
@@ -112,19 +134,26 @@ def generation_inputs(wildcards):
     }
 
 
-def generation_spec(wildcards):
-    """The JSON a generation job gets: its dataset, the schedule, bridge and baselines."""
-    return json.dumps(
-        {
+def generation_spec(method):
+    """The JSON a generation job gets: its dataset, the schedule and what its method uses."""
+
+    def spec(wildcards):
+        bridge = without_resources(config["bridge"])
+        settings = {
             "dataset_name": wildcards.dataset,
             "dataset": config["datasets"][wildcards.dataset],
             "noise_schedule": config["noise_schedule"],
-            "bridge": config["bridge"],
-            "baselines": config["baselines"],
-            "seed": config["seed"],
-        },
-        sort_keys=True,
-    )
+        }
+        if method == "cellflow":
+            settings["bridge"] = bridge
+        else:
+            settings["bridge"] = {key: bridge[key] for key in BASELINE_BRIDGE_KEYS}
+            settings["baselines"] = {method: config["baselines"][method]}
+        if method == "adm":
+            settings["seed"] = config["seed"]
+        return json.dumps(settings, sort_keys=True)
+
+    return spec
 
 
 def generation_work(wildcards, output):
@@ -161,10 +190,20 @@ def downstream_inputs(wildcards):
 
 
 def downstream_spec(wildcards):
+    """One run's settings: its strategy, the training settings and its backbone's weights,
+    not the lists of other strategies and seeds (adding a seed runs only the new runs).
+    """
+    pretrained = DOWNSTREAM["pretrained"].get(wildcards.backbone)
     return json.dumps(
         {
             "dataset": config["datasets"][wildcards.dataset],
-            "downstream": DOWNSTREAM,
+            "downstream": {
+                "strategies": {
+                    wildcards.strategy: DOWNSTREAM["strategies"][wildcards.strategy]
+                },
+                "train": without_resources(DOWNSTREAM["train"]),
+                "pretrained": {wildcards.backbone: pretrained} if pretrained else {},
+            },
         },
         sort_keys=True,
     )
@@ -200,7 +239,7 @@ def evaluation_spec(wildcards):
         {
             "dataset_name": wildcards.dataset,
             "dataset": config["datasets"][wildcards.dataset],
-            "evaluation": config["evaluation"],
+            "evaluation": without_resources(config["evaluation"]),
             "feature_network": [FEATURE_BACKBONE, FEATURE_SEED],
             "seed": config["seed"],
         },
@@ -251,15 +290,19 @@ def final_outputs():
 
 
 def training_spec(model):
-    """The JSON a training job gets: its dataset, the noise schedule and its config section."""
+    """The JSON a training job gets: its dataset, the noise schedule and its config section
+    (less the time limit; train.gpus stays, as the number of processes changes the draws).
+    """
 
     def spec(wildcards):
+        settings = dict(config[model])
+        settings["train"] = without_resources(settings["train"], keep=("gpus",))
         return json.dumps(
             {
                 "dataset_name": wildcards.dataset,
                 "dataset": config["datasets"][wildcards.dataset],
                 "noise_schedule": config["noise_schedule"],
-                "settings": config[model],
+                "settings": settings,
                 "seed": config["seed"],
             },
             sort_keys=True,

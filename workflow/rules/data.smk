@@ -58,7 +58,7 @@ rule prepare_data:
     params:
         dataset=dataset_entry,
         raw_root=raw_root,
-        prepare=config["prepare"],
+        prepare=canonical(config["prepare"]),
         seed=config["seed"],
     script:
         "../scripts/prepare_data.py"

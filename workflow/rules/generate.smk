@@ -27,7 +27,7 @@ rule trajectories:
         runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
         gpu=config["bridge"]["gpus"],
     params:
-        spec=generation_spec,
+        spec=generation_spec("cellflow"),
         work=generation_work,
     shell:
         "python -m cellflow.cli generate cellflow --spec {params.spec:q}"
@@ -53,7 +53,7 @@ rule baseline_ddib:
         runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
         gpu=config["bridge"]["gpus"],
     params:
-        spec=generation_spec,
+        spec=generation_spec("ddib"),
         work=generation_work,
     shell:
         "python -m cellflow.cli generate ddib --spec {params.spec:q}"
@@ -79,7 +79,7 @@ rule baseline_adm:
         runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
         gpu=config["bridge"]["gpus"],
     params:
-        spec=generation_spec,
+        spec=generation_spec("adm"),
         work=generation_work,
     shell:
         "python -m cellflow.cli generate adm --spec {params.spec:q}"
