@@ -2,12 +2,13 @@
 
 Each variant is the same config with other bridge settings, run as its own Snakemake working
 directory ``benchmarks/proof/<variant>/`` (its ``results/`` and ``logs/`` are the usual tree).
-The variants share the data and the trained models: the first variant trains, the others
-start from a hard-linked copy of its training checkpoints, so their training jobs resume at the
-last step and only export. The first variant runs the whole DAG; the others build only what a
-bridge setting changes (:data:`VARIANT_TARGETS`): the baselines and their evaluation would be
-the first variant's again. Afterwards the tables and figures a reader needs are collected in
-``benchmarks/results/proof.md`` and ``benchmarks/results/proof/<variant>/``, with the machine.
+The first variant runs the whole DAG. The others share what no bridge setting changes: the
+first variant's data, trained models, real-only downstream runs and real-image cellularity are
+hard-linked into their trees (:data:`SHARED`), and they build only what a bridge setting does
+change (:data:`VARIANT_TARGETS`), with Snakemake told not to rerun the shared files for their
+modification times (``--rerun-triggers`` without ``mtime``). Afterwards the tables and figures
+a reader needs are collected in ``benchmarks/results/proof.md`` and
+``benchmarks/results/proof/<variant>/``, with the machine.
 
     python -m benchmarks.proof_run [--variants reference posterior] [--run ...] [--cores 2]
 
@@ -43,7 +44,10 @@ VARIANTS: dict[str, dict[str, object]] = {
                   "soft_label": "posterior"},
     "posterior-linear": {"timestep_spacing": "quadratic", "stair_selection": "posterior"},
 }
-# What a later variant builds: its trajectories, their analysis and the downstream comparison.
+# What a later variant takes from the first one, and what it builds itself.
+SHARED = [f"results/{DATASET}/{part}" for part in (
+    "raw", "data", "models", "downstream/resnet10t/none", "evaluation/cellularity/real.tsv",
+    "benchmarks")]
 VARIANT_TARGETS = [f"results/{DATASET}/evaluation/trajectories/summary.tsv",
                    f"results/{DATASET}/evaluation/coherence.tsv",
                    f"results/{DATASET}/downstream/summary.tsv"]
@@ -67,21 +71,30 @@ def variant_config(name: str) -> Path:
     return path
 
 
-def share_checkpoints(first: str, name: str) -> None:
-    """Hard-link the first variant's training checkpoints into a later variant's tree."""
-    source = WORK / first / "results" / DATASET / "checkpoints"
-    destination = WORK / name / "results" / DATASET / "checkpoints"
-    if source.is_dir() and not destination.exists():
+def share_results(first: str, name: str) -> None:
+    """Hard-link what the first variant computed and no bridge setting changes (SHARED)."""
+    for part in SHARED:
+        source, destination = WORK / first / part, WORK / name / part
+        if destination.exists() or not source.exists():
+            continue
         destination.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, destination, copy_function=os.link)
+        if source.is_dir():
+            shutil.copytree(source, destination, copy_function=os.link)
+        else:
+            os.link(source, destination)
 
 
-def run_variant(name: str, cores: int, targets: list[str]) -> float:
+def run_variant(name: str, cores: int, later: bool, dry_run: bool = False) -> float:
     config = variant_config(name)
     started = time.perf_counter()
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
                "--directory", str(WORK / name), "--configfile", str(config),
-               "--cores", str(cores), *targets]
+               "--cores", str(cores)]
+    if later:  # the targets first: --rerun-triggers takes every word after it
+        command[3:3] = VARIANT_TARGETS
+        command += ["--rerun-triggers", "params", "input", "software-env", "code"]
+    if dry_run:
+        command.append("-n")
     environment = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
                        f"{os.environ.get('PATH', '')}")
     with (WORK / f"{name}.log").open("a") as log:
@@ -202,12 +215,17 @@ def main() -> None:
     parser.add_argument("--run", nargs="*", choices=sorted(VARIANTS),
                         help="run only these of the variants (default: all; none: only "
                              "gather the tables and figures of finished ones)")
+    parser.add_argument("--dry-run", action="store_true", help="plan the runs, run nothing")
     args = parser.parse_args()
     seconds = {}
     for index, name in enumerate(args.variants):
         if args.run is None or name in args.run:
-            share_checkpoints(args.variants[0], name)
-            seconds[name] = run_variant(name, args.cores, VARIANT_TARGETS if index else [])
+            if index:
+                share_results(args.variants[0], name)
+            seconds[name] = run_variant(name, args.cores, later=index > 0,
+                                        dry_run=args.dry_run)
+    if args.dry_run:
+        return
     print(collect(args.variants, seconds))
 
 
