@@ -43,6 +43,7 @@ class PrepareConfig:
     on_small: Literal["upscale", "error"]
     on_duplicate: Literal["drop", "error"]
     contact_sheet_images: int
+    max_image_pixels: int = 1_000_000_000
 
 
 @dataclass(frozen=True)

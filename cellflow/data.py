@@ -10,7 +10,6 @@ import hashlib
 import logging
 import math
 import re
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -98,9 +97,31 @@ def discover_class_folders(root: Path, classes: Sequence[str], dataset: str) -> 
 
 
 def image_id(relative_path: str) -> str:
-    """A file-name-safe id that is stable as long as the raw file keeps its path."""
+    """A file-name-safe id that is stable as long as the raw file keeps its path.
+
+    Letters and digits of any script are kept (``患者1.png`` and ``病例1.png`` stay apart);
+    separators and punctuation become ``_``.
+    """
     stem = relative_path.rsplit(".", 1)[0]
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem.replace("/", "__"))
+    return re.sub(r"[^\w.-]", "_", stem.replace("/", "__"))
+
+
+def assign_ids(images: Sequence[RawImage], dataset: str) -> list[str]:
+    """:func:`image_id` of every image; ids that several files share get a short hash of
+    each file's path (``x.png`` and ``x.jpg``, ``a b.png`` and ``a_b.png``), with a warning."""
+    ids = [image_id(raw.relative_path) for raw in images]
+    sharing: dict[str, list[int]] = {}
+    for index, identifier in enumerate(ids):
+        sharing.setdefault(identifier, []).append(index)
+    for identifier, indices in sharing.items():
+        if len(indices) < 2:
+            continue
+        log.warning("dataset '%s': %s map to the same id '%s'; each gets a hash of its path",
+                    dataset, ", ".join(str(images[i].source_path) for i in indices), identifier)
+        for i in indices:
+            digest = hashlib.sha1(images[i].relative_path.encode()).hexdigest()[:8]
+            ids[i] = f"{identifier}-{digest}"
+    return ids
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
@@ -151,15 +172,19 @@ class ProcessedImage:
     error: str | None = None
 
 
-def _process_one(raw: RawImage, resolution: int, on_small: str, staging: Path) -> ProcessedImage:
-    identifier = image_id(raw.relative_path)
+def _process_one(raw: RawImage, identifier: str, resolution: int, on_small: str,
+                 max_pixels: int, staging: Path) -> ProcessedImage:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(raw.source_path) as opened:
-                opened.load()
-                image, note = to_rgb(opened)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as err:
+        with Image.open(raw.source_path) as opened:
+            width, height = opened.size  # from the header: nothing is decoded yet
+            if width * height > max_pixels:
+                return ProcessedImage(
+                    raw, identifier, None, None, "",
+                    error=f"too large: {width}x{height} = {width * height:,} pixels, over "
+                          f"prepare.max_image_pixels ({max_pixels:,})")
+            opened.load()
+            image, note = to_rgb(opened)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return ProcessedImage(raw, identifier, None, None, "", error=f"unreadable: {err}")
     if note:
         log.warning("%s: %s to RGB", raw.source_path, note)
@@ -284,11 +309,19 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
                   staging: Path, seed: int, threads: int,
                   ground_truth: pd.DataFrame | None) -> pd.DataFrame:
     name = dataset.name
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        jobs = pool.map(lambda raw: _process_one(raw, dataset.resolution, prepare.on_small,
-                                                 staging), discovery.images)
-        processed = list(tqdm(jobs, total=len(discovery.images), desc=f"prepare {name}",
-                              unit="img"))
+    ids = assign_ids(discovery.images, name)
+    # The size limit is prepare.max_image_pixels, checked per file before decoding; PIL's own
+    # decompression-bomb limit (89 M pixels) would refuse whole cores and large tiles.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            jobs = pool.map(lambda raw, identifier: _process_one(
+                raw, identifier, dataset.resolution, prepare.on_small, prepare.max_image_pixels,
+                staging), discovery.images, ids)
+            processed = list(tqdm(jobs, total=len(discovery.images), desc=f"prepare {name}",
+                                  unit="img"))
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
     unreadable = [item for item in processed if item.error]
     if unreadable and prepare.on_corrupt == "error":
@@ -298,11 +331,6 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
     for item in unreadable:
         log.warning("%s: %s; excluded", item.raw.source_path, item.error)
     readable = [item for item in processed if not item.error]
-    ids = pd.Series([item.id for item in readable])
-    if ids.duplicated().any():
-        clash = ", ".join(sorted(set(ids[ids.duplicated()])))
-        raise DataError(f"dataset '{name}': several files map to the same image id ({clash}); "
-                        "rename files that differ only in extension")
     kept, duplicates = _dedupe(readable, prepare.on_duplicate, name)
     for item, _ in duplicates:
         (staging / item.path).unlink()

@@ -175,3 +175,36 @@ def test_center_crop_resize_keeps_the_centre():
     result = np.asarray(center_crop_resize(Image.fromarray(wide), 50))
     assert result.shape == (50, 50, 3)
     assert result[5:-5, 5:-5].min() > 240
+
+
+def test_huge_images_are_excluded_by_the_configured_limit(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 4, "b": 4}, size=48)
+    # 14000 x 14000 trips PIL's own decompression-bomb error; a mode-1 PNG stays small on disk
+    Image.new("1", (14000, 14000)).save(root / "a" / "slide.png")
+    Image.new("1", (3000, 3000)).save(root / "b" / "core.png")
+    limit = PrepareConfig("exclude", "upscale", "drop", 8, max_image_pixels=10_000_000)
+    manifest = prepare(root, tmp_path / "out", prepare_config=limit)
+    excluded = pd.read_csv(tmp_path / "out" / "excluded.tsv", sep="\t")
+    reason = excluded.set_index(excluded["source_path"].str.rsplit("/", n=1).str[-1])["reason"]
+    assert "too large: 14000x14000 = 196,000,000 pixels" in reason["slide.png"]
+    assert "prepare.max_image_pixels (10,000,000)" in reason["slide.png"]
+    assert "core.png" not in reason.index  # 9 M pixels: within the limit
+    assert len(manifest) == 9
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's limit is restored after the stage
+
+
+def test_ids_keep_unicode_and_colliding_names_get_a_hash(make_folder_dataset, tmp_path):
+    from cellflow.data import image_id
+
+    root = make_folder_dataset({"a": 4, "b": 4}, size=48)
+    rng = np.random.default_rng(5)
+    for name in ("患者1.png", "病例1.png", "x y.png", "x_y.png", "tile.jpg"):
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(root / "a" / name)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(root / "a" / "tile.png")
+    assert image_id("a/患者1.png") == "a__患者1" != image_id("a/病例1.png")
+    manifest = prepare(root, tmp_path / "out")
+    assert manifest["id"].is_unique and len(manifest) == 14
+    ids = set(manifest["id"])
+    assert {"a__患者1", "a__病例1"} <= ids
+    assert len([i for i in ids if i.startswith("a__x_y-")]) == 2
+    assert len([i for i in ids if i.startswith("a__tile-")]) == 2

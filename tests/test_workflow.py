@@ -301,3 +301,25 @@ def test_readme_rule_graph_shows_every_rule(tmp_path):
     graph = readme.split("```mermaid", 1)[1].split("```", 1)[0]
     missing = sorted(rule for rule in rules if rule not in graph)
     assert not missing, f"README rule graph lacks {missing}"
+
+
+def test_images_added_to_a_class_folder_rerun_the_data_stage(make_folder_dataset, tmp_path):
+    root = make_folder_dataset({"a": 6, "b": 6}, size=40)
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["datasets"] = {"mine": {"kind": "folder", "root": str(root), "resolution": 32,
+                                   "classes": ["a", "b"]}}
+    config["downstream"]["strategies"] = {"none": {}}
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workdir = tmp_path / "run"
+    target = "results/mine/data/manifest.tsv"
+    snakemake(workdir, target, "--cores", "1", "--configfile", str(path))
+    unchanged = snakemake(workdir, target, "-n", "--configfile", str(path))
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+    # new files inside a/: the root folder's own modification time does not change
+    incoming = make_folder_dataset({"a": 9}, size=40, seed=1, root=tmp_path / "incoming")
+    for image in (incoming / "a").iterdir():
+        image.rename(root / "a" / f"new_{image.name}")
+    added = snakemake(workdir, target, "-n", "--configfile", str(path))
+    assert job_counts(added.stdout) == {"prepare_data": 1}
+    assert "Params have changed since last execution" in added.stdout

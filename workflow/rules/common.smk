@@ -1,5 +1,6 @@
 # Config validation, wildcard constraints and the helpers that map wildcards to paths.
 
+import hashlib
 import json
 import os
 import re
@@ -110,6 +111,27 @@ def prepare_inputs(wildcards):
             "ground_truth": f"results/{wildcards.dataset}/raw/ground_truth.tsv",
         }
     return {"root": str(dataset.root)} if dataset.root.is_dir() else {}
+
+
+def raw_listing(wildcards):
+    """A digest of every file under a folder dataset's root (path, size, modification time).
+
+    As a param it reruns the data stage when images are added, removed or replaced inside a
+    class folder, which leaves the root folder's own modification time unchanged.
+    """
+    dataset = DATASETS[wildcards.dataset]
+    if dataset.kind == "synthetic" or not dataset.root.is_dir():
+        return ""
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(dataset.root)):
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            status = os.stat(path)
+            relative = os.path.relpath(path, dataset.root)
+            digest.update(
+                f"{relative}\t{status.st_size}\t{status.st_mtime_ns}\n".encode()
+            )
+    return digest.hexdigest()[:16]
 
 
 def data_outputs(dataset):

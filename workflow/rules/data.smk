@@ -58,6 +58,7 @@ rule prepare_data:
     params:
         dataset=dataset_entry,
         raw_root=raw_root,
+        listing=raw_listing,
         prepare=canonical(config["prepare"]),
         seed=config["seed"],
     script:
