@@ -341,10 +341,13 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
         raise DataError(f"dataset '{name}': class(es) {', '.join(empty)} have no readable image "
                         f"under {discovery.root}")
 
-    splits = stratified_split(
-        [item.raw.label_name for item in kept], dataset.split, seed,
-        [item.raw.official_split for item in kept] if discovery.has_official_split else None,
-    )
+    try:
+        splits = stratified_split(
+            [item.raw.label_name for item in kept], dataset.split, seed,
+            [item.raw.official_split for item in kept] if discovery.has_official_split else None,
+        )
+    except DataError as err:
+        raise DataError(f"dataset '{name}' ({discovery.root}): {err}") from None
     label_of = {class_name: index for index, class_name in enumerate(dataset.classes)}
     manifest = pd.DataFrame({
         "id": [item.id for item in kept],

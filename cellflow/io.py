@@ -83,6 +83,7 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
     for stale in final.parent.glob(f".{final.name}.partial-*"):
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.partial-"))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700: shared group storage needs umask
     try:
         yield staging
         replace_dir(staging, final)

@@ -208,3 +208,21 @@ def test_ids_keep_unicode_and_colliding_names_get_a_hash(make_folder_dataset, tm
     assert {"a__患者1", "a__病例1"} <= ids
     assert len([i for i in ids if i.startswith("a__x_y-")]) == 2
     assert len([i for i in ids if i.startswith("a__tile-")]) == 2
+
+
+def test_outputs_follow_the_umask_and_too_few_images_name_the_dataset(make_folder_dataset,
+                                                                      tmp_path):
+    import os
+    import stat
+
+    root = make_folder_dataset({"a": 6, "b": 6}, size=40)
+    previous = os.umask(0o022)
+    try:
+        prepare(root, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "manifest.tsv").stat().st_mode) == 0o644
+    few = make_folder_dataset({"a": 6, "b": 2}, size=40, root=tmp_path / "few")
+    with pytest.raises(DataError, match=r"dataset 'toy' \(.*few\): class 'b' has 2 image"):
+        prepare(few, tmp_path / "out-few")
