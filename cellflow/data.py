@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig
@@ -29,6 +29,9 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["id", "path", "label", "label_name", "split", "source_path", "note"]
 GROUND_TRUTH_COLUMNS = ["progression", "nuclei_count", "nuclear_area_fraction", "mask_path"]
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 class DataError(ValueError):
@@ -48,7 +51,7 @@ class Discovery:
     root: Path
     images: list[RawImage]
     has_official_split: bool
-    ignored_files: list[Path]
+    ignored_files: list[tuple[Path, str]]  # with the reason
 
 
 def discover_class_folders(root: Path, classes: Sequence[str], dataset: str) -> Discovery:
@@ -68,7 +71,8 @@ def discover_class_folders(root: Path, classes: Sequence[str], dataset: str) -> 
         layouts = [(root, None)]
 
     images: list[RawImage] = []
-    ignored: list[Path] = []
+    ignored: list[tuple[Path, str]] = []
+    first_class: dict[str, str] = {}  # file name -> the class folder it was first seen in
     for base, split in layouts:
         present = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
         for unknown in sorted(present - set(classes)):
@@ -82,17 +86,28 @@ def discover_class_folders(root: Path, classes: Sequence[str], dataset: str) -> 
             )
         for class_name in classes:
             for path in sorted((base / class_name).rglob("*")) if class_name in present else []:
-                if not path.is_file() or path.name.startswith("."):
+                if path.is_dir():
                     continue
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    ignored.append(path)
-                    continue
-                images.append(
-                    RawImage(path, path.relative_to(root).as_posix(), class_name, split)
-                )
-    for path in ignored:
-        log.warning("dataset '%s': %s has no image extension (%s); ignored",
-                    dataset, path, ", ".join(sorted(IMAGE_EXTENSIONS)))
+                if path.is_symlink() and not path.exists():
+                    ignored.append((path, "broken symbolic link"))
+                elif path.name.startswith("."):
+                    ignored.append((path, "hidden file"))
+                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append((path, "not an image file (" + ", ".join(
+                        sorted(IMAGE_EXTENSIONS)) + ")"))
+                else:
+                    if path.parent != base / class_name:
+                        log.warning("dataset '%s': %s is in a sub-folder of class '%s'; read as "
+                                    "that class", dataset, path, class_name)
+                    seen = first_class.setdefault(path.name, class_name)
+                    if seen != class_name:
+                        log.warning("dataset '%s': a file named %s is in class folders '%s' and "
+                                    "'%s'; check the labels (pixel-identical copies are dropped "
+                                    "as duplicates)", dataset, path.name, seen, class_name)
+                    images.append(
+                        RawImage(path, path.relative_to(root).as_posix(), class_name, split))
+    for path, reason in ignored:
+        log.warning("dataset '%s': %s: %s; ignored", dataset, path, reason)
     return Discovery(root, images, has_official_split, ignored)
 
 
@@ -183,7 +198,11 @@ def _process_one(raw: RawImage, identifier: str, resolution: int, on_small: str,
                     error=f"too large: {width}x{height} = {width * height:,} pixels, over "
                           f"prepare.max_image_pixels ({max_pixels:,})")
             opened.load()
-            image, note = to_rgb(opened)
+            orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
+            image, note = to_rgb(ImageOps.exif_transpose(opened) if orientation != 1 else opened)
+            if orientation != 1:
+                note = "; ".join(filter(None, [f"turned upright (EXIF orientation {orientation})",
+                                               note]))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return ProcessedImage(raw, identifier, None, None, "", error=f"unreadable: {err}")
     if note:
@@ -364,7 +383,7 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
     excluded = pd.DataFrame(
         [(str(item.raw.source_path), item.error) for item in unreadable]
         + [(str(item.raw.source_path), why) for item, why in duplicates]
-        + [(str(path), "not an image file") for path in discovery.ignored_files],
+        + [(str(path), reason) for path, reason in discovery.ignored_files],
         columns=["source_path", "reason"],
     )
     write_table(staging / "manifest.tsv", manifest)

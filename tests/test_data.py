@@ -98,7 +98,7 @@ def test_bad_files_are_reported_converted_or_excluded(make_folder_dataset, tmp_p
     reasons = dict(zip(names, excluded["reason"], strict=True))
     assert reasons["broken.png"].startswith("unreadable")
     assert reasons["empty.jpg"].startswith("unreadable")
-    assert reasons["notes.txt"] == "not an image file"
+    assert reasons["notes.txt"].startswith("not an image file (.jpeg")
     assert manifest.loc["b__gray", "note"] == "converted from L"
     with Image.open(out / manifest.loc["b__alpha", "path"]) as image:
         pixels = np.asarray(image)
@@ -226,3 +226,31 @@ def test_outputs_follow_the_umask_and_too_few_images_name_the_dataset(make_folde
     few = make_folder_dataset({"a": 6, "b": 2}, size=40, root=tmp_path / "few")
     with pytest.raises(DataError, match=r"dataset 'toy' \(.*few\): class 'b' has 2 image"):
         prepare(few, tmp_path / "out-few")
+
+
+def test_exif_links_hidden_files_and_nested_folders_are_reported(make_folder_dataset, tmp_path,
+                                                                 caplog):
+    root = make_folder_dataset({"a": 6, "b": 6}, size=40)
+    sideways = np.zeros((40, 60, 3), dtype=np.uint8)
+    sideways[:, :30] = 255  # left half white, stored sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(sideways).save(root / "a" / "phone.jpg", exif=exif, quality=100)
+    (root / "a" / ".DS_Store").write_bytes(b"\0")
+    (root / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "b" / "nested").mkdir()
+    Image.fromarray(np.full((40, 40, 3), 9, dtype=np.uint8)).save(root / "b" / "nested" / "x.png")
+    Image.fromarray(np.full((40, 40, 3), 50, dtype=np.uint8)).save(root / "a" / "b_000.png")
+    manifest = prepare(root, tmp_path / "out")
+    phone = manifest[manifest["id"] == "a__phone"].iloc[0]
+    assert "turned upright (EXIF orientation 6)" in phone["note"]
+    with Image.open(tmp_path / "out" / phone["path"]) as image:
+        upright = np.asarray(image)
+    assert upright[:8].mean() > 200 and upright[-8:].mean() < 50  # white on top after turning
+    excluded = pd.read_csv(tmp_path / "out" / "excluded.tsv", sep="\t")
+    reasons = dict(zip(excluded["source_path"].str.rsplit("/", n=1).str[-1], excluded["reason"],
+                       strict=True))
+    assert reasons["gone.png"] == "broken symbolic link" and reasons[".DS_Store"] == "hidden file"
+    assert "b__nested__x" in set(manifest["id"])
+    assert "is in a sub-folder of class 'b'" in caplog.text
+    assert "a file named b_000.png is in class folders 'a' and 'b'" in caplog.text
