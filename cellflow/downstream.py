@@ -211,6 +211,7 @@ def train_downstream(
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
+        recalibrate_batch_norm(model, images, device, config.batch_size)
         validation = evaluate(model, val_images, val_labels, num_classes, device)
         rows.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
                      "val_accuracy": validation["accuracy"],
@@ -242,6 +243,23 @@ def train_downstream(
         write_table(staging / "train_log.csv", pd.DataFrame(rows))
         write_text(staging / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
+
+
+def recalibrate_batch_norm(model: torch.nn.Module, images: np.ndarray, device: torch.device,
+                           batch_size: int) -> None:
+    """Set BatchNorm running statistics to averages over the training images (of batch means).
+
+    A small dataset gives few optimizer steps per epoch (48 images at batch 16: 3), too few for
+    the running averages (momentum 0.1) to forget their initial values; the evaluated network
+    then predicts one class for everything though it ranks the images well. torch's
+    ``update_bn`` recomputes them in one pass over the un-augmented training images.
+    """
+    if not any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+               for module in model.modules()):
+        return
+    batches = [to_model_range(torch.from_numpy(images[first:first + batch_size])).to(device)
+               for first in range(0, len(images), batch_size)]
+    torch.optim.swa_utils.update_bn(batches, model, device)
 
 
 def _cosine(step: int, warmup: int, total: int) -> float:

@@ -156,3 +156,17 @@ def test_config_schema_offers_exactly_the_registered_strategies():
 
     offered = load_schema()["$defs"]["downstream"]["properties"]["strategies"]["propertyNames"]
     assert sorted(offered["enum"]) == sorted(STRATEGIES)
+
+
+def test_batch_norm_statistics_are_recalibrated_on_the_training_images():
+    from cellflow.downstream import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    model[1].running_mean.fill_(100.0)  # stale statistics, as after a handful of steps
+    images = np.random.default_rng(0).integers(0, 256, (10, 3, 8, 8), dtype=np.uint8)
+    recalibrate_batch_norm(model, images, torch.device("cpu"), batch_size=5)
+    with torch.no_grad():
+        features = model[0](torch.from_numpy(images).float() / 127.5 - 1)
+    torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)))
+    assert model.training  # the mode it was in
