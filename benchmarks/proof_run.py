@@ -46,8 +46,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 }
 # What a later variant takes from the first one, and what it builds itself.
 SHARED = [f"results/{DATASET}/{part}" for part in (
-    "raw", "data", "models", "downstream/resnet10t/none", "evaluation/cellularity/real.tsv",
-    "benchmarks")]
+    "raw", "data", "models", "downstream/resnet10t/none", "evaluation/cellularity/real.tsv")]
 VARIANT_TARGETS = [f"results/{DATASET}/evaluation/trajectories/summary.tsv",
                    f"results/{DATASET}/evaluation/coherence.tsv",
                    f"results/{DATASET}/downstream/summary.tsv"]
@@ -172,15 +171,18 @@ def collect(names: list[str], seconds: dict[str, float]) -> Path:
         trajectories += trajectory_rows(name, results)
         downstream += downstream_rows(name, results)
         fidelity += fidelity_rows(name, results)
-        jobs = job_seconds(results)
-        training = jobs["job"].isin(["train_diffusion", "train_classifier"])
-        generation = jobs["job"].isin(["trajectories", "baseline_ddib", "baseline_adm"])
+        generation = json.loads((results / "trajectories" / "cellflow" / "generation.json")
+                                .read_text())
+        # elapsed_s of the last logged step: the training itself, whichever call ran it
+        training = {model: pd.read_csv(results / "models" / model / "train_log.csv")["elapsed_s"]
+                    .max() for model in ("diffusion", "classifier")}
         timings.append({
             "variant": name,
             "wall minutes (this call)": f"{seconds.get(name, float('nan')) / 60:.1f}",
-            "job minutes, summed": f"{jobs['seconds'].sum() / 60:.1f}",
-            "training minutes": f"{jobs.loc[training, 'seconds'].sum() / 60:.1f}",
-            "generation minutes": f"{jobs.loc[generation, 'seconds'].sum() / 60:.1f}"})
+            "trajectories minutes": f"{generation['seconds'] / 60:.1f}",
+            "UNet evaluations per trajectory": f"{generation['unet_evaluations_per_output']:.0f}",
+            **{f"{model} training minutes": f"{value / 60:.1f}"
+               for model, value in training.items()}})
         out = RESULTS / "proof" / name
         out.mkdir(parents=True, exist_ok=True)
         for source, target in FIGURES.items():
