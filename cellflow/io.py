@@ -27,6 +27,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
     try:
         yield Path(temporary)
+        # again: a writer may have replaced the file (safetensors writes 0600 files)
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -254,3 +254,19 @@ def test_exif_links_hidden_files_and_nested_folders_are_reported(make_folder_dat
     assert "b__nested__x" in set(manifest["id"])
     assert "is in a sub-folder of class 'b'" in caplog.text
     assert "a file named b_000.png is in class folders 'a' and 'b'" in caplog.text
+
+
+def test_weights_written_through_atomic_path_follow_the_umask(tmp_path):
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cellflow.io import atomic_path
+
+    from cellflow import io
+
+    with atomic_path(tmp_path / "model.safetensors") as temporary:
+        save_file({"weight": torch.zeros(2)}, str(temporary))  # safetensors writes 0600
+    mode = stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode)
+    assert mode == 0o666 & ~io._UMASK
