@@ -262,9 +262,8 @@ def test_weights_written_through_atomic_path_follow_the_umask(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from cellflow.io import atomic_path
-
     from cellflow import io
+    from cellflow.io import atomic_path
 
     with atomic_path(tmp_path / "model.safetensors") as temporary:
         save_file({"weight": torch.zeros(2)}, str(temporary))  # safetensors writes 0600
