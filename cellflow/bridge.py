@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
-from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient
+from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient, clean_logits
 from cellflow.diffusion import NoiseSchedule
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the reference measure uses
@@ -409,18 +409,13 @@ class StairBridge:
         evaluate({(b, tau) for b, row in enumerate(stairs) for tau in row})
         return stairs, rules, decoded
 
-    @torch.no_grad()
     def target_probability(self, images: torch.Tensor, target_labels: torch.Tensor
                            ) -> np.ndarray:
         """p(target | image) of clean images by the classifier at t = 0, over the temperature."""
         if self.classifier is None:
             return np.full(len(images), np.nan)
-        chunks = []
-        for first in range(0, len(images), self.config.max_rows_per_call):
-            batch = images[first:first + self.config.max_rows_per_call]
-            logits = self.classifier(batch.to(self.device, self.classifier.dtype), 0).double()
-            chunks.append(torch.softmax(logits / self.temperature, dim=-1).cpu())
-        probabilities = torch.cat(chunks)
+        logits = clean_logits(self.classifier, images, self.config.max_rows_per_call)
+        probabilities = torch.softmax(logits / self.temperature, dim=-1)
         return probabilities[torch.arange(len(images)), target_labels.cpu().long()].numpy()
 
     def _decode_stairs(self, latents: Sequence[torch.Tensor], target_labels: torch.Tensor,

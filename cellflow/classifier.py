@@ -33,7 +33,8 @@ from diffusers.models.embeddings import AttentionPooling, TimestepEmbedding, Tim
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
-__all__ = ["POOLS", "NoiseAwareClassifier", "class_log_prob_gradient", "fit_temperature"]
+__all__ = ["POOLS", "NoiseAwareClassifier", "class_log_prob_gradient", "clean_logits",
+           "fit_temperature"]
 
 POOLS: Final = ("attention", "mean")
 # guided-diffusion's normalization() is GroupNorm(32, ch) computed in float32 with its default eps.
@@ -209,6 +210,18 @@ def class_log_prob_gradient(
         selected = torch.log_softmax(logits, dim=-1).gather(1, y[:, None]).sum()
         (grad,) = torch.autograd.grad(selected, x_in)
     return grad.to(dtype=x.dtype)
+
+
+@torch.no_grad()
+def clean_logits(classifier: torch.nn.Module, images: torch.Tensor, batch_size: int = 64
+                 ) -> torch.Tensor:
+    """(N, C) logits at t = 0 of images in [-1, 1], in float64 on the CPU, ``batch_size`` at a
+    time on the classifier's device: what p(class | clean image) is read from."""
+    parameter = next(classifier.parameters())
+    chunks = [classifier(images[first:first + batch_size].to(parameter.device, parameter.dtype),
+                         0).double().cpu()
+              for first in range(0, len(images), batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, classifier.config.num_classes)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -105,16 +105,12 @@ def clean_class_probabilities(classifier: NoiseAwareClassifier, images: np.ndarr
     """Softmax of the noise-aware classifier at t = 0 (noise-free images)."""
     import torch
 
+    from cellflow.classifier import clean_logits
     from cellflow.training import to_model_range
 
-    classifier = classifier.to(device).eval()
-    chunks = []
-    with torch.no_grad():
-        for first in range(0, len(images), batch_size):
-            batch = to_model_range(torch.from_numpy(images[first:first + batch_size])).to(device)
-            logits = classifier(batch, torch.zeros(len(batch), dtype=torch.long, device=device))
-            chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
-    return torch.cat(chunks).numpy()
+    logits = clean_logits(classifier.to(device).eval(), to_model_range(torch.from_numpy(images)),
+                          batch_size)
+    return torch.softmax(logits, dim=-1).float().numpy()
 
 
 def trajectory_frames(real_cellularity: pd.DataFrame, generated_cellularity: pd.DataFrame

@@ -36,7 +36,7 @@ from diffusers import UNet2DModel
 from tqdm import tqdm
 
 from cellflow.bridge import BridgeConfig, EvaluationCounter, StairBridge, soft_label_weight
-from cellflow.classifier import NoiseAwareClassifier, fit_temperature
+from cellflow.classifier import NoiseAwareClassifier, clean_logits, fit_temperature
 from cellflow.config import DatasetConfig, Transition
 from cellflow.data import load_images
 from cellflow.diffusion import NoiseSchedule
@@ -68,20 +68,17 @@ def _engine(schedule: NoiseSchedule, config: BridgeConfig, diffusion_dir: Path,
     unet, classifier = load_models(diffusion_dir, classifier_dir, device)
     temperature = 1.0
     if calibration is not None:
-        temperature = calibrate_temperature(classifier, calibration, calibration_root, device)
+        temperature = calibrate_temperature(classifier, calibration, calibration_root)
     return StairBridge(unet, classifier if guided else None, schedule, config, temperature)
 
 
-def calibrate_temperature(classifier: NoiseAwareClassifier, images: pd.DataFrame, root: Path,
-                          device: torch.device) -> float:
+def calibrate_temperature(classifier: NoiseAwareClassifier, images: pd.DataFrame, root: Path
+                          ) -> float:
     """Fit the temperature of the classifier's t = 0 logits on labelled held-out images."""
     if images.empty:
         raise ValueError("posterior stairs or labels need validation images to calibrate the "
                          "classifier on (datasets.<name>.split.val_fraction is 0?)")
-    with torch.no_grad():
-        logits = torch.cat([
-            classifier(read_images(root, batch["path"]).to(device, classifier.dtype), 0).cpu()
-            for batch in _batches(images, 64)])
+    logits = clean_logits(classifier, read_images(root, images["path"]))
     temperature = fit_temperature(logits, torch.tensor(images["label"].tolist()))
     log.info("classifier calibrated on %d validation images: temperature %.3f",
              len(images), temperature)
