@@ -51,7 +51,7 @@ def save_checkpoint(
                       staging / f"{name}.safetensors")
         torch.save(optimizer_state, staging / OPTIMIZER_FILE)
         (staging / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=2))
-        checksums = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
+        checksums = {path.name: file_sha256(path) for path in sorted(staging.iterdir())}
         (staging / CHECKSUM_FILE).write_text(json.dumps(checksums, indent=2))
     except (OSError, RuntimeError) as err:
         # torch.save reports a full disk as "enforce fail ... unexpected pos": say what it is
@@ -88,7 +88,7 @@ def verify_checkpoint(checkpoint: Path) -> None:
             path = checkpoint / name
             if not path.is_file():
                 raise CheckpointError(f"{path}: missing")
-            if _sha256(path) != expected:
+            if file_sha256(path) != expected:
                 raise CheckpointError(f"{path}: checksum mismatch (the file changed after it "
                                       f"was written)")
     for path in sorted(checkpoint.glob("*.safetensors")):
@@ -96,13 +96,19 @@ def verify_checkpoint(checkpoint: Path) -> None:
             tensors = load_file(path)
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{path}: unreadable or truncated ({err})") from None
-        bad = sorted(name for name, tensor in tensors.items()
-                     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+        bad = non_finite(tensors)
         if bad:
             raise CheckpointError(f"{path}: non-finite values in {_short(bad)}")
 
 
-def _sha256(path: Path) -> str:
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity, sorted."""
+    return sorted(name for name, tensor in tensors.items()
+                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()))
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (weights files can be gigabytes)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

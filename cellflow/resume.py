@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from cellflow.checkpoint import file_sha256
 from cellflow.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,7 @@ def folder_digest(*folders: Path) -> str:
     digest = hashlib.sha256()
     for folder in folders:
         for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
-            digest.update(str(path.relative_to(folder)).encode())
-            with path.open("rb") as handle:
-                for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                    digest.update(block)
+            digest.update(f"{path.relative_to(folder)}\t{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 

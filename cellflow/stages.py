@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from cellflow.checkpoint import non_finite
 from cellflow.classifier import NoiseAwareClassifier
 from cellflow.config import DatasetConfig
 from cellflow.data import load_split
@@ -137,8 +138,7 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
 
 def require_finite(model: torch.nn.Module, what: str) -> None:
     """Refuse to export weights with NaN or infinity: every later stage would run on them."""
-    bad = [name for name, tensor in model.state_dict().items()
-           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad = non_finite(model.state_dict())
     if bad:
         raise FloatingPointError(f"the trained {what} has non-finite weights in "
                                  f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
