@@ -244,23 +244,16 @@ def gaussian_design(design: Literal["fine", "coarse"], resolution: int,
         difference -= basis @ (basis.T @ difference)
     else:
         difference = factors[:, 0].copy()
-    sigma_solve = _covariance_solver(factors, variance)
-    difference *= separation / np.sqrt(difference @ sigma_solve(difference))
     shared = dict(factors=torch.from_numpy(factors), variance=torch.from_numpy(variance))
+    unscaled = GaussianImageModel(
+        [GaussianClass(mean=torch.zeros(size, dtype=torch.float64), **shared)] * 2,
+        (3, resolution, resolution), alphas_cumprod)
+    # the class difference's own Mahalanobis length under the shared Sigma
+    length = float(unscaled.mahalanobis(torch.from_numpy(difference)[None])[0, 0])
+    difference *= separation / length
     classes = [GaussianClass(mean=torch.from_numpy(source), **shared),
                GaussianClass(mean=torch.from_numpy(source + difference), **shared)]
     return GaussianImageModel(classes, (3, resolution, resolution), alphas_cumprod)
-
-
-def _covariance_solver(factors: np.ndarray, variance: np.ndarray):
-    """x -> (W W^T + diag(v))^-1 x by Woodbury, for the design's Mahalanobis scaling."""
-    scaled = factors / variance[:, None]
-    capacitance = np.eye(factors.shape[1]) + factors.T @ scaled
-
-    def solve(x: np.ndarray) -> np.ndarray:
-        return x / variance - scaled @ np.linalg.solve(capacitance, scaled.T @ x)
-
-    return solve
 
 
 # Steps back smaller than this are rounding on a saturated posterior, not a path going back.
