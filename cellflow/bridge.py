@@ -52,9 +52,8 @@ from cellflow.diffusion import NoiseSchedule
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the reference measure uses
 REFERENCE_SIZE = 256  # the image side the reference's Fourier band was chosen for
-STAIR_SELECTIONS = ("fourier", "posterior")
-Decoded = dict[tuple[int, int], torch.Tensor]  # (image, stair) -> decoded frame
 FOURIER_BANDS = ("reference", "scaled")
+Decoded = dict[tuple[int, int], torch.Tensor]  # (image, stair) -> decoded frame
 
 
 @dataclass(frozen=True)
@@ -325,13 +324,14 @@ class StairBridge:
         """Frames from each source image (B, 3, H, W in [-1, 1]) towards its target class."""
         counter = EvaluationCounter()
         latents, measures = self.invert(images, source_labels, counter)
-        fourier = [stairs_from_measures(row, self.config) for row in measures]
+        fourier, fourier_rules = zip(*(stairs_from_measures(row, self.config)
+                                       for row in measures), strict=True)
         source_probability = self.target_probability(images, target_labels)
         if self.config.stair_selection == "posterior":
             stairs, rules, decoded = self.posterior_stairs(
-                latents, target_labels, source_probability, [f[0] for f in fourier], counter)
+                latents, target_labels, source_probability, fourier, counter)
         else:
-            stairs, rules = [f[0] for f in fourier], [f[1] for f in fourier]
+            stairs, rules = list(fourier), list(fourier_rules)
             decoded = self._decode_stairs(latents, target_labels,
                                           [(b, tau) for b, row in enumerate(stairs)
                                            for tau in row], counter)

@@ -151,7 +151,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                 result = store.get_or_compute(
                     _batch_name(transition, index, batch),
                     partial(_trajectory_arrays, engine, images, source_labels, target_labels))
-                _add_counts(counter, EvaluationCounter(*result["counter"].tolist()))
+                _add_counts(counter, result["counter"])
                 frames = result["frames"]
                 for b, source_id in enumerate(batch["id"]):
                     folder = f"frames/{source_id}__{transition.source}-to-{transition.target}"
@@ -216,7 +216,7 @@ def _trajectory_arrays(engine: StairBridge, images: torch.Tensor, source_labels:
             "target_probability": result.target_probability,
             "source_probability": result.source_probability,
             "stair_rule": np.array(result.stair_rule, dtype=str),
-            "counter": np.array(list(asdict(result.counter).values()))}
+            "counter": _counts(result.counter)}
 
 
 def _batch_name(transition: Transition, index: int, batch: pd.DataFrame) -> str:
@@ -245,7 +245,7 @@ def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[
                 result = store.get_or_compute(
                     _batch_name(transition, index, batch),
                     partial(_image_arrays, engine.ddib, images, source_labels, target_labels))
-                _add_counts(counter, EvaluationCounter(*result["counter"].tolist()))
+                _add_counts(counter, result["counter"])
                 for source_id, image in zip(batch["id"], result["images"], strict=True):
                     path = f"images/{source_id}__{transition.source}-to-{transition.target}.png"
                     save_png(staging / path, image)
@@ -282,10 +282,9 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
                     int(np.random.SeedSequence([seed, label, first]).generate_state(1)[0]))
                 result = store.get_or_compute(
                     f"{name}-{first:05d}-{count}",
-                    partial(_image_arrays, lambda labels, noise: engine.sample(
-                        labels, noise, dataset.resolution), torch.full((count,), label),
-                        generator))
-                _add_counts(counter, EvaluationCounter(*result["counter"].tolist()))
+                    partial(_image_arrays, engine.sample, torch.full((count,), label),
+                            generator, dataset.resolution))
+                _add_counts(counter, result["counter"])
                 for offset, image in enumerate(result["images"]):
                     sample_id = f"adm_{name}_{first + offset:04d}"
                     path = f"images/{name}/{sample_id}.png"
@@ -308,7 +307,7 @@ def _image_arrays(method: Callable[..., tuple[torch.Tensor, EvaluationCounter]],
                   ) -> dict[str, np.ndarray]:
     """One batch of a one-image-per-input method (DDIB, ADM) as plain arrays."""
     images, used = method(*inputs)
-    return {"images": to_uint8(images), "counter": np.array(list(asdict(used).values()))}
+    return {"images": to_uint8(images), "counter": _counts(used)}
 
 
 def _transitions(dataset: DatasetConfig) -> tuple[Transition, ...]:
@@ -331,8 +330,13 @@ def _real_example(data: pd.DataFrame, root: Path, class_name: str) -> np.ndarray
     return to_uint8(read_images(root, row["path"].head(1)))[0]
 
 
-def _add_counts(total: EvaluationCounter, part: EvaluationCounter) -> None:
-    for name, value in asdict(part).items():
+def _counts(counter: EvaluationCounter) -> np.ndarray:
+    """A counter as a plain array, stored with its batch's outputs."""
+    return np.array(list(asdict(counter).values()))
+
+
+def _add_counts(total: EvaluationCounter, part: np.ndarray) -> None:
+    for name, value in zip(asdict(total), part.tolist(), strict=True):
         setattr(total, name, getattr(total, name) + value)
 
 
