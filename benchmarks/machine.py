@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 from cellflow.machine import describe_machine
@@ -10,18 +11,25 @@ from cellflow.machine import describe_machine
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def markdown_table(rows: list[dict[str, object]], cell: Callable[[object], str] = str) -> str:
+    """``rows`` (one dict each, the first one's keys as columns) as a Markdown table."""
+    columns = list(rows[0])
+    return "\n".join([
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows),
+    ])
+
+
 def record(name: str, title: str, rows: list[dict[str, object]]) -> Path:
     """Append a dated Markdown table of ``rows`` to ``results/<name>.md`` and print it."""
     RESULTS.mkdir(exist_ok=True)
-    columns = list(rows[0])
     lines = [
         f"## {title}",
         "",
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC on {describe_machine()}",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *("| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows),
+        markdown_table(rows),
         "",
     ]
     path = RESULTS / f"{name}.md"

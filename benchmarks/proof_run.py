@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from benchmarks.machine import RESULTS
+from benchmarks.machine import RESULTS, markdown_table
 from cellflow.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,16 +102,6 @@ def run_variant(name: str, cores: int, later: bool, dry_run: bool = False) -> fl
     return time.perf_counter() - started
 
 
-def job_seconds(results: Path) -> pd.DataFrame:
-    """Run time of every job of a variant, from Snakemake's benchmark files."""
-    rows = []
-    for path in sorted((results / "benchmarks").rglob("*.tsv")):
-        table = pd.read_csv(path, sep="\t")
-        rows.append({"job": str(path.relative_to(results / "benchmarks").with_suffix("")),
-                     "seconds": float(table["s"].iloc[-1])})
-    return pd.DataFrame(rows)
-
-
 def trajectory_rows(name: str, results: Path) -> list[dict]:
     """Per transition: the proof run's targets, as medians over its trajectories."""
     summary = pd.read_csv(results / "evaluation" / "trajectories" / "summary.tsv", sep="\t")
@@ -154,14 +144,8 @@ def fidelity_rows(name: str, results: Path) -> list[dict]:
 def markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "(none)"
-
-    def cell(value: object) -> str:
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * table.shape[1]]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in table.itertuples(index=False)]
-    return "\n".join(lines)
+    return markdown_table(table.to_dict("records"),
+                          lambda value: f"{value:.3f}" if isinstance(value, float) else str(value))
 
 
 def collect(names: list[str], seconds: dict[str, float]) -> Path:
