@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig
@@ -29,9 +29,6 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["id", "path", "label", "label_name", "split", "source_path", "note"]
 GROUND_TRUTH_COLUMNS = ["progression", "nuclei_count", "nuclear_area_fraction", "mask_path"]
-
-
-_EXIF_ORIENTATION = 0x0112
 
 
 class DataError(ValueError):
@@ -198,12 +195,12 @@ def _process_one(raw: RawImage, identifier: str, resolution: int, on_small: str,
                     error=f"too large: {width}x{height} = {width * height:,} pixels, over "
                           f"prepare.max_image_pixels ({max_pixels:,})")
             opened.load()
-            orientation = opened.getexif().get(_EXIF_ORIENTATION, 1)
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
             image, note = to_rgb(ImageOps.exif_transpose(opened) if orientation != 1 else opened)
             if orientation != 1:
                 note = "; ".join(filter(None, [f"turned upright (EXIF orientation {orientation})",
                                                note]))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, SyntaxError, ValueError) as err:
         return ProcessedImage(raw, identifier, None, None, "", error=f"unreadable: {err}")
     if note:
         log.warning("%s: %s to RGB", raw.source_path, note)
