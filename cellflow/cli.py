@@ -85,7 +85,13 @@ def downstream(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from cellflow.aggregate import read_runs, summarise
+    from cellflow.aggregate import (
+        mean_confusion,
+        per_class_summary,
+        read_metrics,
+        read_runs,
+        summarise,
+    )
     from cellflow.io import write_table
 
     _job_setup(args.threads, args.log)
@@ -101,9 +107,13 @@ def downstream(args: argparse.Namespace) -> int:
             Path(args.generated) if args.generated else None,
             settings["pretrained"].get(args.backbone))
     elif args.action == "summarize":
+        out = Path(args.out)
         runs = read_runs(args.inputs, args.dataset)
-        write_table(Path(args.out).with_name("runs.tsv"), runs)
-        write_table(args.out, summarise(runs))
+        write_table(out.with_name("runs.tsv"), runs)
+        metrics = read_metrics(args.inputs, args.dataset)
+        write_table(out.with_name("per_class.tsv"), per_class_summary(metrics))
+        write_table(out.with_name("confusion.tsv"), mean_confusion(metrics))
+        write_table(out, summarise(runs))
     else:
         tables = [pd.read_csv(path, sep="\t") for path in args.inputs]
         write_table(args.out, pd.concat(tables, ignore_index=True))
@@ -132,7 +142,7 @@ def _feature_spaces(spec: dict, domain_weights: str, device) -> list:
 
 def evaluate(args: argparse.Namespace) -> int:
     """One evaluation table of one dataset: cellularity, fidelity, trajectories, coherence."""
-    networks = args.action in ("fidelity", "trajectories", "coherence")
+    networks = args.action in ("fidelity", "trajectories", "coherence", "memorization")
     # The cellularity actions run processes, not torch threads: they need not import torch.
     _job_setup(args.threads if networks else None, args.log)
     workers = args.threads or 1
@@ -177,6 +187,14 @@ def evaluate(args: argparse.Namespace) -> int:
             device)
         write_table(Path(args.out) / "frames.tsv", frames)
         write_table(Path(args.out) / "summary.tsv", summary)
+    elif args.action == "memorization":
+        from cellflow.memorization import nearest_real_neighbours
+
+        domain = _feature_spaces(spec, args.features, device)[:1]
+        neighbours, reference = nearest_real_neighbours(manifest, generated, domain,
+                                                        device=device)
+        write_table(Path(args.out) / "neighbours.tsv", neighbours)
+        write_table(Path(args.out) / "reference.tsv", reference)
     else:
         domain = _feature_spaces(spec, args.features, device)[0]
         write_table(args.out, stages.temporal_coherence(
@@ -188,17 +206,21 @@ def evaluate(args: argparse.Namespace) -> int:
 def _benchmark_files(paths: list[str]):
     """Snakemake benchmark files with the rule, dataset and job each belongs to.
 
-    Paths are ``results/[<dataset>/]benchmarks/<rule>.tsv`` or ``.../<rule>/<job>.tsv``.
+    Paths are ``results/<dataset>/benchmarks/<rule>.tsv`` (or ``.../<rule>/<job>.tsv``) for
+    one dataset's jobs, ``results/benchmarks/<benchmark>/jobs/<rule>[/<job>].tsv`` for the
+    cross-dataset ones.
     """
     import pandas as pd
 
     tables = []
     for path in map(Path, paths):
-        at = path.parts.index("benchmarks")
+        parts = path.parts
+        cross_dataset = "jobs" in parts and parts[parts.index("jobs") - 2] == "benchmarks"
+        at = parts.index("jobs") if cross_dataset else parts.index("benchmarks")
         table = pd.read_csv(path, sep="\t", na_values=["-"])
-        table["rule"] = path.parts[at + 1] if len(path.parts) > at + 2 else path.stem
+        table["rule"] = parts[at + 1] if len(parts) > at + 2 else path.stem
         table["job"] = path.stem
-        table["dataset"] = path.parts[at - 1] if at and path.parts[at - 1] != "results" else ""
+        table["dataset"] = "" if cross_dataset else parts[at - 1]
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
 
@@ -216,7 +238,9 @@ def figures(args: argparse.Namespace) -> int:
 
     out, table = Path(args.out), Path(args.table) if args.table else None
     if args.kind == "classification":
-        draw.classification_benchmark(read_table(args.inputs[0]), out, table, args.metric)
+        runs = pd.concat(map(read_table, args.runs), ignore_index=True) if args.runs else None
+        draw.classification_benchmark(read_table(args.inputs[0]), out, table, args.metric,
+                                      runs)
     elif args.kind == "fidelity":
         draw.fidelity_benchmark(pd.concat(map(read_table, args.inputs), ignore_index=True),
                                 out, table)
@@ -225,8 +249,62 @@ def figures(args: argparse.Namespace) -> int:
                      for path in args.inputs]
         coherence = [read_table(path).assign(dataset=Path(path).parts[-3])
                      for path in args.coherence]
+        fidelity = (pd.concat(map(read_table, args.fidelity), ignore_index=True)
+                    if args.fidelity else None)
         draw.trajectory_benchmark(pd.concat(summaries, ignore_index=True),
-                                  pd.concat(coherence, ignore_index=True), out, table)
+                                  pd.concat(coherence, ignore_index=True), out, table, fidelity)
+    elif args.kind == "side-by-side":
+        flags = {}
+        for path in args.fidelity:
+            rows = read_table(path)
+            rows = rows[rows["class"] == "all"]
+            flags.update(zip(rows["method"], rows.get("flags", pd.Series(dtype=str))
+                             .fillna(""), strict=True))
+        generated = [draw.GeneratedSet(Path(folder).name,
+                                       read_table(Path(folder) / "manifest.tsv"), Path(folder),
+                                       flags.get(Path(folder).name, ""))
+                     for folder in args.inputs]
+        data = read_table(args.manifest)
+        draw.side_by_side(data, Path(args.manifest).parent, generated, args.classes.split(","),
+                          out, args.title, args.per_method)
+    elif args.kind == "memorization":
+        from cellflow import flags
+        from cellflow.memorization import DEFAULT_QUANTILE, memorization_summary
+
+        folders = [Path(path).parent for path in args.inputs]
+        neighbours = pd.concat([read_table(folder / "neighbours.tsv") for folder in folders],
+                               ignore_index=True)
+        reference = read_table(folders[0] / "reference.tsv")
+        summary = memorization_summary(neighbours, reference)
+        summary.insert(0, "dataset", args.title)
+        found = [flags.memorization_flags(
+            row.get("share_below_threshold_pixel", float("nan")),
+            row.get("share_own_source_pixel", float("nan")), DEFAULT_QUANTILE,
+            f"{row['method']} images" if row["frame_index"] == "all"
+            else f"{row['method']} frame {row['frame_index']}")
+            for _, row in summary.iterrows()]
+        for row_flags in found:
+            flags.warn(row_flags, args.title)
+        summary["flags"] = [flags.codes(row_flags) for row_flags in found]
+        draw.memorization_table(summary, table, DEFAULT_QUANTILE)
+        draw.memorization_ratios(neighbours, reference, out,
+                                 f"{args.title}: distance to the nearest training image",
+                                 DEFAULT_QUANTILE)
+    elif args.kind == "closest-pairs":
+        draw.closest_pairs_figure(read_table(args.inputs[0]), Path(args.generated),
+                                  Path(args.manifest).parent, out, args.title)
+    elif args.kind == "per-class":
+        draw.per_class_figure(read_table(args.inputs[0]), read_table(args.confusion), out,
+                              table, args.title)
+    elif args.kind == "front-page":
+        from cellflow.report import front_page
+
+        dataset_figures = {}
+        for path in map(Path, args.side_by_side):
+            dataset_figures.setdefault(path.parts[-3], []).append(path)
+        front_page(args.title, {Path(path).stem: Path(path) for path in args.inputs},
+                   {Path(path).stem: Path(path) for path in args.figures}, dataset_figures,
+                   args.configs.split(","), out, table)
     elif args.kind == "strips":
         data = read_table(args.manifest)
         images = Path(args.manifest).parent
@@ -304,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--log", help="write logging and progress to this file")
     score = commands.add_parser("evaluate", help="evaluation tables of one dataset")
     score.add_argument("action", choices=["cellularity", "validate-cellularity", "fidelity",
-                                          "trajectories", "coherence"])
+                                          "trajectories", "coherence", "memorization"])
     score.add_argument("--spec", required=True,
                        help="JSON: dataset_name, dataset, evaluation, feature_network, seed")
     score.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
@@ -321,13 +399,26 @@ def main(argv: list[str] | None = None) -> int:
     draw = commands.add_parser("figures", help="one benchmark figure and its table")
     draw.add_argument("kind", choices=["classification", "fidelity", "trajectories", "strips",
                                        "cellularity", "fourier", "training", "runtimes",
-                                       "cellularity-validation"])
+                                       "cellularity-validation", "side-by-side", "per-class",
+                                       "memorization", "closest-pairs", "front-page"])
     draw.add_argument("--inputs", nargs="*", default=[],
                       help="the tables drawn (classification: benchmark.tsv; fidelity: "
                            "fidelity tables; trajectories: summaries; training: downstream "
                            "train logs; runtimes: benchmark files; cellularity-validation: "
                            "the validation table)")
     draw.add_argument("--coherence", nargs="*", default=[], help="trajectories: coherence")
+    draw.add_argument("--runs", nargs="*", default=[],
+                      help="classification: runs.tsv of each dataset (seeds, n test)")
+    draw.add_argument("--fidelity", nargs="*", default=[],
+                      help="trajectories, side-by-side: fidelity tables (their flags)")
+    draw.add_argument("--confusion", help="per-class: downstream/confusion.tsv")
+    draw.add_argument("--classes", help="side-by-side: the dataset's classes, comma-separated")
+    draw.add_argument("--per-method", type=int, default=4,
+                      help="side-by-side: images per class and method")
+    draw.add_argument("--figures", nargs="*", default=[], help="front-page: summary PNGs")
+    draw.add_argument("--side-by-side", nargs="*", default=[],
+                      help="front-page: each dataset's side-by-side PNG")
+    draw.add_argument("--configs", default="", help="front-page: the run's config files")
     draw.add_argument("--manifest", help="strips: prepared data manifest.tsv")
     draw.add_argument("--generated", help="strips, fourier: trajectories/cellflow folder")
     draw.add_argument("--frames", help="cellularity: evaluation/trajectories/frames.tsv")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,9 +27,44 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class GroupRule:
+    """Where an image's patient or slide is read from, so that all its images share a split.
+
+    Exactly one source is set: ``pattern`` (a regex searched on the image's path relative to
+    the dataset root) or ``sheet`` with ``column`` (a sample sheet keyed by ``path_column``).
+    """
+
+    pattern: str | None = None
+    sheet: Path | None = None
+    column: str | None = None
+    path_column: str = "path"
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> GroupRule:
+        """Build from one validated ``datasets.<name>.split.group`` entry."""
+        return cls(
+            pattern=raw.get("pattern"),
+            sheet=Path(raw["sheet"]) if "sheet" in raw else None,
+            column=raw.get("column"),
+            path_column=raw.get("path_column", "path"),
+        )
+
+
+@dataclass(frozen=True)
 class SplitConfig:
     val_fraction: float
     test_fraction: float
+    group: GroupRule | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SplitConfig:
+        """Build from one validated ``datasets.<name>.split`` entry."""
+        group = raw.get("group")
+        return cls(
+            val_fraction=raw["val_fraction"],
+            test_fraction=raw["test_fraction"],
+            group=GroupRule.from_dict(group) if group is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -72,7 +108,7 @@ class DatasetConfig:
             resolution=raw["resolution"],
             classes=tuple(raw["classes"]),
             transitions=tuple(Transition(**pair) for pair in raw["transitions"]),
-            split=SplitConfig(**raw["split"]),
+            split=SplitConfig.from_dict(raw["split"]),
             synthetic=SyntheticConfig(**raw["synthetic"]),
             root=Path(raw["root"]) if raw.get("root") else None,
         )
@@ -186,6 +222,9 @@ def feature_network_run(config: Mapping[str, Any]) -> tuple[str, int]:
 
 
 def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
+    if "benchmarks" in config["datasets"]:
+        yield ("datasets.benchmarks: the name is reserved (results/benchmarks/ holds the "
+               "cross-dataset outputs); rename the dataset")
     yield from _feature_network_problems(config)
     yield from _bridge_problems(config["bridge"], config["noise_schedule"])
     datasets = config["datasets"]
@@ -240,3 +279,12 @@ def _feature_network_problems(config: Mapping[str, Any]) -> Iterator[str]:
 
 def _selected(config: Mapping[str, Any]) -> list[str]:
     return config.get("only_datasets") or list(config["datasets"])
+
+
+def default_benchmark_name(config_files: Sequence[str | Path]) -> str:
+    """The name of a run's cross-dataset outputs when the config sets no ``benchmark``: its
+    (last) config file's name, made a valid folder name (``paper`` for config/paper.yaml)."""
+    if not config_files:
+        return "default"
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(config_files[-1]).stem).strip("-_")
+    return name or "default"

@@ -10,24 +10,25 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig
+from cellflow.config import DatasetConfig, GroupRule, PrepareConfig, SplitConfig
 from cellflow.io import save_png, staged_directory, write_table
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
 SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ["id", "path", "label", "label_name", "split", "source_path", "note"]
+MANIFEST_COLUMNS = ["id", "path", "label", "label_name", "split", "source_path", "note",
+                    "group"]
 GROUND_TRUTH_COLUMNS = ["progression", "nuclei_count", "nuclear_area_fraction", "mask_path"]
 
 
@@ -259,6 +260,168 @@ def stratified_split(
     return [value if value is not None else "train" for value in assigned]
 
 
+def _listing(items: Sequence[str], limit: int = 5) -> str:
+    """The first few of ``items``, so that an error about thousands of files stays readable."""
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def image_groups(paths: Sequence[str], rule: GroupRule | None, dataset: str) -> list[str]:
+    """The patient or slide of every image (by its path relative to the root); '' without a rule.
+
+    Read once for all discovered images, before any is decoded, so that a rule that misses
+    files stops the stage at once instead of after the resizing.
+    """
+    if rule is None:
+        return [""] * len(paths)
+    if rule.pattern is not None:
+        return _groups_from_pattern(paths, rule.pattern, dataset)
+    return _groups_from_sheet(paths, rule, dataset)
+
+
+def _groups_from_pattern(paths: Sequence[str], pattern: str, dataset: str) -> list[str]:
+    key = f"datasets.{dataset}.split.group.pattern"
+    try:
+        regex = re.compile(pattern)
+    except re.error as err:
+        raise DataError(f"dataset '{dataset}': {key}: {pattern!r} is not a valid regex ({err})"
+                        ) from None
+    groups = []
+    for path in paths:
+        found = regex.search(path)
+        # an optional capture group that took no part in the match gives None: no group either
+        groups.append((found.group(1 if regex.groups else 0) or "") if found else "")
+    unmatched = [path for path, group in zip(paths, groups, strict=True) if not group]
+    if unmatched:
+        raise DataError(
+            f"dataset '{dataset}': {key} {pattern!r} gives no group for {len(unmatched)} "
+            f"image(s) (paths relative to the data root): {_listing(unmatched)}")
+    return groups
+
+
+def _groups_from_sheet(paths: Sequence[str], rule: GroupRule, dataset: str) -> list[str]:
+    key = f"datasets.{dataset}.split.group"
+    sheet = rule.sheet
+    if sheet is None or not sheet.is_file():
+        raise DataError(f"dataset '{dataset}': sample sheet {sheet} ({key}.sheet) not found")
+    try:
+        table = pd.read_csv(sheet, sep="," if sheet.suffix.lower() == ".csv" else "\t",
+                            dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{sheet}: cannot read the sample sheet of {key}.sheet ({err})") from None
+    for column, setting in ((rule.path_column, "path_column"), (rule.column, "column")):
+        if column not in table.columns:
+            raise DataError(f"{sheet}: no column '{column}' ({key}.{setting}); the sheet has: "
+                            f"{', '.join(map(str, table.columns))}")
+    group_of: dict[str, str] = {}
+    for path, group in zip(table[rule.path_column].str.strip(), table[rule.column].str.strip(),
+                           strict=True):
+        path = PurePosixPath(path).as_posix()  # './a/x.png' and 'a/x.png' are one image
+        if group_of.setdefault(path, group) != group:
+            raise DataError(f"{sheet}: {path} is listed with groups '{group_of[path]}' and "
+                            f"'{group}' (column '{rule.column}')")
+    absent = [path for path in paths if not group_of.get(path)]
+    if absent:
+        raise DataError(
+            f"{sheet}: no group in column '{rule.column}' for {len(absent)} image(s) of dataset "
+            f"'{dataset}' (column '{rule.path_column}' must hold each path relative to the data "
+            f"root): {_listing(absent)}")
+    return [group_of[path] for path in paths]
+
+
+def grouped_split(
+    labels: Sequence[str],
+    groups: Sequence[str],
+    split: SplitConfig,
+    seed: int,
+    fixed: Sequence[str | None] | None = None,
+) -> list[str]:
+    """Like :func:`stratified_split`, but every group (patient, slide) lands in one split.
+
+    Tiles of one slide share stain, scanner and patient, so a slide in train and test would
+    measure memorisation. Whole groups are placed with per-class proportions as close to the
+    fractions as the group sizes allow, and every split gets at least one group of each class.
+    With an official split, its assignment is kept and only the validation split carved out
+    of official train is grouped.
+    """
+    fixed = list(fixed) if fixed is not None else [None] * len(labels)
+    official = any(value is not None for value in fixed)
+    if official:
+        pool = [i for i, given in enumerate(fixed) if given == "train"]
+        fractions = {} if "val" in fixed else {"val": split.val_fraction}
+    else:
+        pool = list(range(len(labels)))
+        fractions = {"test": split.test_fraction, "val": split.val_fraction}
+    fractions["train"] = 1.0 - sum(fractions.values())
+    class_names = sorted(set(labels))
+    names = sorted({groups[i] for i in pool})
+    row = {name: index for index, name in enumerate(names)}
+    column = {name: index for index, name in enumerate(class_names)}
+    counts = np.zeros((len(names), len(class_names)))
+    for i in pool:
+        counts[row[groups[i]], column[labels[i]]] += 1
+    placed = _place_groups(counts, fractions, np.random.default_rng(seed), class_names)
+    assigned = list(fixed)
+    for i in pool:
+        assigned[i] = placed[row[groups[i]]]
+    return [value if value is not None else "train" for value in assigned]
+
+
+def _place_groups(counts: np.ndarray, fractions: Mapping[str, float], rng: np.random.Generator,
+                  class_names: Sequence[str]) -> list[str]:
+    """The split of every group, given its images per class (one row of ``counts`` a group).
+
+    First each class, scarcest first, gets its smallest free groups into the splits that lack
+    it (so that small splits are not filled by one large slide); then the remaining groups,
+    largest first, each go where they bring the per-class proportions closest to the
+    fractions. Ties follow a seeded shuffle.
+    """
+    splits = list(fractions)
+    target = np.array([fractions[s] for s in splits])[:, None] * counts.sum(axis=0)
+    placed = np.zeros_like(target)
+    where = [""] * len(counts)
+    rank = np.empty(len(counts), dtype=np.int64)
+    rank[rng.permutation(len(counts))] = np.arange(len(counts))
+    sizes = counts.sum(axis=1)
+
+    def place(group: int, split: int) -> None:
+        where[group] = splits[split]
+        placed[split] += counts[group]
+
+    holding = (counts > 0).sum(axis=0)
+    for c in np.argsort(holding, kind="stable"):
+        for s in range(len(splits)):
+            if placed[s, c] > 0:
+                continue
+            free = [g for g in range(len(counts)) if not where[g] and counts[g, c] > 0]
+            if not free:
+                raise DataError(
+                    f"class '{class_names[c]}' is in {holding[c]} group(s), too few to give "
+                    f"each of {', '.join(splits)} at least one of them (grouped split; "
+                    "lower the fractions, or group more finely)")
+            place(min(free, key=lambda g: (sizes[g], rank[g])), s)
+    totals = counts.sum(axis=0)
+    rest = sorted((g for g in range(len(counts)) if not where[g]),
+                  key=lambda g: (-sizes[g], rank[g]))
+    for g in rest:
+        before = ((placed - target) / totals) ** 2
+        after = ((placed + counts[g] - target) / totals) ** 2
+        place(g, int(np.argmin((after - before).sum(axis=1))))
+    return where
+
+
+def _warn_groups_across_official_splits(groups: Sequence[str], fixed: Sequence[str | None],
+                                        dataset: str) -> None:
+    """An official split is kept even where it puts one patient in two splits; say so."""
+    splits_of: dict[str, set[str | None]] = {}
+    for group, given in zip(groups, fixed, strict=True):
+        splits_of.setdefault(group, set()).add(given)
+    across = sorted(group for group, found in splits_of.items() if len(found) > 1)
+    if across:
+        log.warning("dataset '%s': %d group(s) are in more than one official split (kept as "
+                    "given): %s", dataset, len(across), _listing(across))
+
+
 def contact_sheet(paths: Sequence[Path], title: str, tile: int, gap: int = 2) -> Image.Image:
     """A grid of thumbnails under a title line, for looking at a class at a glance."""
     columns = max(1, math.ceil(math.sqrt(len(paths))))
@@ -316,13 +479,20 @@ def prepare_dataset(
     preparation untouched.
     """
     discovery = discover_class_folders(raw_root, dataset.classes, dataset.name)
+    group_of = dict(zip(
+        (raw.relative_path for raw in discovery.images),
+        image_groups([raw.relative_path for raw in discovery.images], dataset.split.group,
+                     dataset.name),
+        strict=True,
+    ))
     with staged_directory(out_dir) as staging:
-        manifest = _prepare_into(dataset, prepare, discovery, staging, seed, threads, ground_truth)
+        manifest = _prepare_into(dataset, prepare, discovery, group_of, staging, seed, threads,
+                                 ground_truth)
     return manifest
 
 
 def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Discovery,
-                  staging: Path, seed: int, threads: int,
+                  group_of: Mapping[str, str], staging: Path, seed: int, threads: int,
                   ground_truth: pd.DataFrame | None) -> pd.DataFrame:
     name = dataset.name
     ids = assign_ids(discovery.images, name)
@@ -357,11 +527,16 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
         raise DataError(f"dataset '{name}': class(es) {', '.join(empty)} have no readable image "
                         f"under {discovery.root}")
 
+    labels = [item.raw.label_name for item in kept]
+    groups = [group_of[item.raw.relative_path] for item in kept]
+    fixed = [item.raw.official_split for item in kept] if discovery.has_official_split else None
     try:
-        splits = stratified_split(
-            [item.raw.label_name for item in kept], dataset.split, seed,
-            [item.raw.official_split for item in kept] if discovery.has_official_split else None,
-        )
+        if dataset.split.group is None:
+            splits = stratified_split(labels, dataset.split, seed, fixed)
+        else:
+            if fixed is not None:
+                _warn_groups_across_official_splits(groups, fixed, name)
+            splits = grouped_split(labels, groups, dataset.split, seed, fixed)
     except DataError as err:
         raise DataError(f"dataset '{name}' ({discovery.root}): {err}") from None
     label_of = {class_name: index for index, class_name in enumerate(dataset.classes)}
@@ -373,6 +548,7 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
         "split": splits,
         "source_path": [str(item.raw.source_path.resolve()) for item in kept],
         "note": [item.note for item in kept],
+        "group": groups,
     })[MANIFEST_COLUMNS]
     if ground_truth is not None:
         manifest = _attach_ground_truth(manifest, kept, ground_truth, staging, dataset)
@@ -386,6 +562,10 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
     write_table(staging / "manifest.tsv", manifest)
     write_table(staging / "class_counts.tsv", class_counts(manifest, dataset.classes))
     write_table(staging / "excluded.tsv", excluded)
+    counted = group_counts(manifest)
+    write_table(staging / "group_counts.tsv", counted)
+    for split_name, groups_in, images_in in counted.itertuples(index=False):
+        log.info("dataset '%s' %s: %d groups, %d images", name, split_name, groups_in, images_in)
     _write_contact_sheets(manifest, staging, dataset, prepare.contact_sheet_images)
     log.info("dataset '%s': %d images prepared, %d excluded", name, len(manifest), len(excluded))
     return manifest
@@ -432,6 +612,20 @@ def class_counts(manifest: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame
     table["total"] = table.sum(axis=1)
     table.loc["total"] = table.sum(axis=0)
     return table.rename_axis("class").reset_index()
+
+
+def group_counts(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Groups and images per split, with totals, to check a grouped split at a glance.
+
+    Without a group rule every image is its own group (it is the unit that was split), so
+    groups equals images. The total counts distinct groups: a group in two official splits
+    counts once.
+    """
+    unit = manifest["group"].where(manifest["group"] != "", manifest["id"])
+    rows = [(split, unit[manifest["split"] == split].nunique(),
+             int((manifest["split"] == split).sum())) for split in SPLITS]
+    rows.append(("total", unit.nunique(), len(manifest)))
+    return pd.DataFrame(rows, columns=["split", "groups", "images"])
 
 
 def _write_contact_sheets(manifest: pd.DataFrame, staging: Path, dataset: DatasetConfig,

@@ -30,8 +30,10 @@ from sklearn.metrics import (
     balanced_accuracy_score,
     confusion_matrix,
     f1_score,
+    precision_recall_fscore_support,
     roc_auc_score,
 )
+from torchmetrics.functional.classification import multiclass_calibration_error
 from tqdm import tqdm
 
 from cellflow.augment import basic_augment, build_batch_augmentation, resolve_params, strategy
@@ -112,14 +114,20 @@ def generated_training_set(manifest_dir: Path, count: int, num_classes: int, see
 
 def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int,
              device: torch.device, batch_size: int = 128) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1, one-vs-rest AUROC and the confusion matrix."""
+    """The model's softmax probabilities on ``images``, scored by ``classification_metrics``."""
     model.eval()
     probabilities = []
     with torch.no_grad():
         for first in range(0, len(images), batch_size):
             batch = to_model_range(torch.from_numpy(images[first:first + batch_size])).to(device)
             probabilities.append(F.softmax(model(batch).float(), dim=-1).cpu())
-    probs = torch.cat(probabilities).numpy()
+    return classification_metrics(torch.cat(probabilities).numpy(), labels, num_classes)
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, num_classes: int
+                           ) -> dict[str, Any]:
+    """Accuracy, balanced accuracy, macro-F1, one-vs-rest AUROC, calibration error, per-class
+    precision/recall/F1 and the confusion matrix (rows: true class) of class probabilities."""
     predicted = probs.argmax(1)
     classes = list(range(num_classes))
     try:
@@ -127,15 +135,33 @@ def evaluate(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, num
                  roc_auc_score(labels, probs, multi_class="ovr", labels=classes))
     except ValueError:  # a class absent from this split: AUROC undefined
         auroc = float("nan")
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=classes, zero_division=0)
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, average="macro", labels=classes,
                                    zero_division=0)),
         "auroc": float(auroc),
+        "ece": calibration_error(probs, labels, num_classes),
+        "per_class": [{"class_index": index, "precision": float(precision[index]),
+                       "recall": float(recall[index]), "f1": float(f1[index]),
+                       "support": int(support[index])} for index in classes],
         "confusion_matrix": confusion_matrix(labels, predicted, labels=classes).tolist(),
         "n": int(len(labels)),
     }
+
+
+def calibration_error(probs: np.ndarray, labels: np.ndarray, num_classes: int,
+                      bins: int = 15) -> float:
+    """Expected calibration error (L1, equal-width bins) of the top-class probability.
+
+    The multiclass form also for two classes: the binary one bins the positive-class
+    probability, a different quantity, and the number should mean the same on every dataset.
+    """
+    return float(multiclass_calibration_error(
+        torch.from_numpy(probs).float(), torch.from_numpy(np.asarray(labels)).long(),
+        num_classes, n_bins=bins, norm="l1"))
 
 
 def train_downstream(
@@ -234,6 +260,7 @@ def train_downstream(
         "generated_train_images": len(images) - real_count,
         "epochs_run": len(rows), "best_val_balanced_accuracy": best,
         "seconds": round(time.perf_counter() - started, 2),
+        "val": evaluate(model, val_images, val_labels, num_classes, device),
         "test": evaluate(model, test_images, test_labels, num_classes, device),
         "classes": classes,
     }

@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats
 from tqdm import tqdm
 
+from cellflow import flags
 from cellflow.cellularity import CellularityConfig, measure_images
 from cellflow.data import load_images
 from cellflow.io import read_table
@@ -45,7 +46,9 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
     """FID/KID of a method's images against the real training images, overall and per class.
 
     ``method == "real"`` compares the held-out real test images instead: the value a perfect
-    generator would reach with this many images, the floor to read the others against.
+    generator would reach with this many images, the floor to read the others against. The
+    ``flags`` column names a set that is mostly noise or constant (see :mod:`cellflow.flags`),
+    which FID alone does not show; ``lag1_autocorrelation`` is the statistic behind it.
     """
     from cellflow.metrics import fid_kid
 
@@ -60,6 +63,10 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
         other_classes = hard_class(other)
     real_images = load_images(data_manifest.parent, real["path"])
     other_images = load_images(other_root, other["path"])
+    found = [] if method == "real" else flags.image_set_flags(other_images, real_images, method)
+    flags.warn(found, f"{dataset}: {method}")
+    correlation = float(np.nanmedian(flags.lag1_autocorrelation(other_images))
+                        ) if len(other_images) else float("nan")
     features = {}
     for space in spaces:
         log.info("%s: %s features of %d real and %d %s images", dataset, space.name, len(real),
@@ -72,7 +79,10 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
         other_mask = (np.ones(len(other), bool) if name == "all"
                       else (other_classes == name).to_numpy())
         row = {"dataset": dataset, "method": method, "class": name,
-               "feature_network": "; ".join(space.description for space in spaces)}
+               "feature_network": "; ".join(space.description for space in spaces),
+               "lag1_autocorrelation": correlation,
+               # a property of the whole set: on its 'all' row only, not repeated per class
+               "flags": flags.codes(found) if name == "all" else ""}
         for space in spaces:
             real_features, other_features = features[space.name]
             scores = fid_kid(real_features[np.asarray(real_mask)],
@@ -153,10 +163,21 @@ def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
     (0) to the target class's (1); ``towards_target_fraction`` is the share of steps that bring
     the nuclei count closer to the target class's real mean; ``count_spearman_towards`` is the
     Spearman of nuclei count with the frame index, signed so that +1 is a monotone path towards
-    the target class's mean whichever way the count has to go.
+    the target class's mean whichever way the count has to go. Landing is NaN, and ``flags``
+    says why, when the two classes' means are closer than their spread.
     """
-    means = (real_cellularity[real_cellularity["split"] == "train"]
-             .groupby("label_name")[MEASURES].mean())
+    train = real_cellularity[real_cellularity["split"] == "train"]
+    means = train.groupby("label_name")[MEASURES].mean()
+    landing_flags = {}
+    for source_class, target_class in frames[["source_class", "target_class"]].drop_duplicates(
+            ).itertuples(index=False):
+        found = [flag for measure, short in (("nuclei_count", "count"),
+                                             ("nuclear_area_fraction", "area"))
+                 for flag in flags.landing_flags(
+                     train.loc[train["label_name"] == source_class, measure].to_numpy(),
+                     train.loc[train["label_name"] == target_class, measure].to_numpy(), short)]
+        flags.warn(found, f"{source_class}→{target_class}")
+        landing_flags[source_class, target_class] = found
     rows = []
     for (source_id, source_class, target_class), path in frames.groupby(TRAJECTORY_KEYS,
                                                                          sort=True):
@@ -181,7 +202,11 @@ def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
             "target_probability_first": float(probability[0]),
             "target_probability_last": float(probability[-1]),
             "target_probability_spearman": _spearman(probability),
+            "flags": flags.codes(landing_flags[source_class, target_class]),
         })
+        for short in ("count", "area"):
+            if f"landing-{short}-undefined" in rows[-1]["flags"]:
+                rows[-1][f"landing_{short}"] = float("nan")
     return pd.DataFrame(rows)
 
 

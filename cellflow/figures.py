@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cellflow.io import atomic_path, save_png, write_table, write_text  # noqa: E402
+from cellflow.io import atomic_path, write_table, write_text  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +125,14 @@ def _note(axis: Axes, text: str) -> None:
     axis.set_yticks([])
 
 
+def _flag_footer(figure: plt.Figure, lines: list[str]) -> None:
+    """The flags of what a figure shows, printed under it (see :mod:`cellflow.flags`)."""
+    if lines:
+        # Below the legend that constrained layout puts at the bottom edge.
+        figure.text(0.01, -0.06, "⚠ flagged: " + "; ".join(lines), fontsize=7, color="#B00000",
+                    ha="left", va="top", wrap=True)
+
+
 def _write_figure(figure: plt.Figure, path: Path, dpi: int) -> None:
     kind = path.suffix.lstrip(".")
     # No creation date: a rerun on the same data gives a byte-identical PDF.
@@ -200,13 +209,42 @@ _BENCHMARK_COLUMNS = ["dataset", "backbone", "strategy", "metric", "n_seeds", "m
                       "ci95_high"]
 
 
+def _classification_flags(rows: pd.DataFrame, runs: pd.DataFrame | None, metric: str
+                          ) -> pd.DataFrame:
+    """Clip each interval to the metric's range and name what a reader must know per row."""
+    from cellflow import flags
+
+    rows = rows.copy()
+    per_row: list[list] = []
+    for index, row in rows.iterrows():
+        found = flags.seed_flags(int(row["n_seeds"]))
+        low, high, clipped = flags.clip_interval(row["ci95_low"], row["ci95_high"])
+        rows.loc[index, ["ci95_low", "ci95_high"]] = [low, high]
+        found += clipped
+        if row["strategy"] == "none" and runs is not None:
+            baseline = runs[(runs["dataset"] == row["dataset"])
+                            & (runs["backbone"] == row["backbone"])
+                            & (runs["strategy"] == "none")]
+            n_test = int(baseline["n_test"].max()) if "n_test" in baseline and len(
+                baseline) else None
+            found += flags.ceiling_flags(baseline[metric].to_numpy(), n_test)
+        flags.warn(found, f"{row['dataset']} / {row['backbone']} / {row['strategy']}")
+        per_row.append(found)
+    rows["flags"] = [flags.codes(found) for found in per_row]
+    rows["flag_messages"] = [" | ".join(flag.message for flag in found) for found in per_row]
+    return rows
+
+
 def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Path,
-                             metric: str = "balanced_accuracy") -> list[Path]:
+                             metric: str = "balanced_accuracy",
+                             runs: pd.DataFrame | None = None) -> list[Path]:
     """Mean and 95% CI of one test metric per dataset, backbone and strategy; best per row marked.
 
-    Writes ``table_stem``.tsv (the benchmark rows of ``metric`` plus ``is_best``), .md (rows
-    dataset × backbone, a column per strategy) and ``stem``.png/.pdf (a panel per backbone and
-    dataset, the ``none`` baseline as a reference line).
+    Writes ``table_stem``.tsv (the benchmark rows of ``metric`` plus ``is_best`` and ``flags``),
+    .md (rows dataset × backbone, a column per strategy) and ``stem``.png/.pdf (a panel per
+    backbone and dataset, the ``none`` baseline as a reference line). ``runs`` (one row per
+    downstream run, with ``n_test``) lets the figure show the seeds themselves where there are
+    too few for an interval, and flag a baseline at the metric's ceiling.
     """
     _require(benchmark, _BENCHMARK_COLUMNS, "benchmark table")
     rows = benchmark[benchmark["metric"] == metric].copy()
@@ -218,10 +256,13 @@ def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Pa
     if len(duplicated):
         raise ValueError(f"benchmark table has several '{metric}' rows for "
                          f"{duplicated[keys].drop_duplicates().to_dict('records')}")
+    if runs is not None:
+        _require(runs, [*keys, "seed", metric], "downstream runs table")
     order = _order(rows["strategy"])
     rank = {name: index for index, name in enumerate(order)}
     rows = (rows.assign(_rank=rows["strategy"].map(rank))
             .sort_values(["dataset", "backbone", "_rank"]).drop(columns="_rank"))
+    rows = _classification_flags(rows, runs, metric)
     # Ties share the title: a reader should see that two strategies are equally good.
     rows["is_best"] = rows["mean"].eq(rows.groupby(["dataset", "backbone"])["mean"]
                                       .transform("max"))
@@ -231,9 +272,10 @@ def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Pa
     def cell(row: pd.Series) -> str:
         if pd.isna(row["mean"]):
             return "–"
-        if pd.isna(row["ci95_low"]) or pd.isna(row["ci95_high"]):
-            return f"{row['mean']:.3f} (n={row['n_seeds']}, no CI)"
-        return f"{row['mean']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]"
+        marks = f" ⚠ {row['flags']}" if row["flags"] else ""
+        if pd.isna(row["ci95_low"]) or pd.isna(row["ci95_high"]) or row["n_seeds"] < 3:
+            return f"{row['mean']:.3f} (n={row['n_seeds']}, no CI){marks}"
+        return f"{row['mean']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]{marks}"
 
     index = ["dataset", "backbone"]
     cells = (rows.assign(cell=rows.apply(cell, axis=1))
@@ -246,44 +288,72 @@ def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Pa
     seeds_text = ("an unknown number of" if not seeds else f"{seeds[0]}" if len(seeds) == 1
                   else f"{seeds[0]}–{seeds[-1]}")
     label = _METRIC_LABELS.get(metric, metric)
+    notes = sorted({message for messages in rows["flag_messages"] for message in
+                    messages.split(" | ") if message})
     write_markdown_table(
         cells.fillna("–"), markdown, bold=best,
-        caption=f"Test {label}: mean [95% t-interval] over {seeds_text} seeds per cell. "
-                "Bold: highest mean of the row. –: not run.")
-    figure = _classification_figure(rows, order, label)
+        caption=f"Test {label}: mean [95% t-interval, clipped to [0, 1]] over {seeds_text} "
+                "seeds per cell. Bold: highest mean of the row. –: not run. ⚠: flagged"
+                + (":\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "."))
+    figure = _classification_figure(rows, order, label, runs, metric)
     return [tsv, markdown, *save_figure(figure, stem)]
 
 
-def _classification_figure(rows: pd.DataFrame, order: list[str], label: str) -> plt.Figure:
+def _classification_figure(rows: pd.DataFrame, order: list[str], label: str,
+                           runs: pd.DataFrame | None, metric: str) -> plt.Figure:
+    from cellflow.flags import MIN_SEEDS_FOR_INTERVAL
+
     datasets, backbones = sorted(rows["dataset"].unique()), sorted(rows["backbone"].unique())
     width = max(3.2, 0.34 * len(order) + 1.2)
     figure, axes = plt.subplots(len(backbones), len(datasets), squeeze=False, sharey="col",
                                 layout="constrained",
-                                figsize=(width * len(datasets), 2.6 * len(backbones) + 1.0))
+                                figsize=(width * len(datasets), 2.9 * len(backbones) + 1.0))
     positions = {name: index for index, name in enumerate(order)}
     for (row, backbone), (column, dataset) in product(enumerate(backbones),
                                                       enumerate(datasets)):
         axis = axes[row, column]
         panel = rows[(rows["dataset"] == dataset) & (rows["backbone"] == backbone)]
+        seeds = (runs[(runs["dataset"] == dataset) & (runs["backbone"] == backbone)]
+                 if runs is not None else None)
         baseline = panel[panel["strategy"] == "none"]
         if len(baseline):
             base = baseline.iloc[0]
             axis.axhline(base["mean"], color=_style("none")[0], linestyle="--", linewidth=0.9)
-            if pd.notna(base["ci95_low"]) and pd.notna(base["ci95_high"]):
+            if pd.notna(base["ci95_low"]) and pd.notna(base["ci95_high"]) and \
+                    base["n_seeds"] >= MIN_SEEDS_FOR_INTERVAL:
                 axis.axhspan(base["ci95_low"], base["ci95_high"], color="0.85", zorder=0)
         star = offset_copy(axis.transData, fig=figure, y=9, units="points")
         for record in panel.itertuples(index=False):
             colour, marker = _style(record.strategy)
             x = positions[record.strategy]
-            low = record.mean - record.ci95_low if pd.notna(record.ci95_low) else 0.0
-            high = record.ci95_high - record.mean if pd.notna(record.ci95_high) else 0.0
-            axis.errorbar(x, record.mean, yerr=[[max(low, 0.0)], [max(high, 0.0)]],
-                          color=colour, marker=marker, markersize=5, capsize=2.5,
-                          linewidth=1.2, markeredgecolor="black", markeredgewidth=0.4)
-            if record.is_best:
+            if record.n_seeds < MIN_SEEDS_FOR_INTERVAL:
+                # Too few seeds for an interval: show each seed, and the mean as a bar.
+                values = (seeds.loc[seeds["strategy"] == record.strategy, metric]
+                          if seeds is not None else pd.Series([record.mean]))
+                axis.plot(np.full(len(values), x), values, linestyle="", marker=marker,
+                          color=colour, markersize=4, markeredgecolor="black",
+                          markeredgewidth=0.4, alpha=0.8)
+                axis.plot([x - 0.25, x + 0.25], [record.mean] * 2, color=colour, linewidth=2)
+                top = float(np.nanmax(values)) if len(values) else record.mean
+            else:
+                low = record.mean - record.ci95_low if pd.notna(record.ci95_low) else 0.0
+                high = record.ci95_high - record.mean if pd.notna(record.ci95_high) else 0.0
+                axis.errorbar(x, record.mean, yerr=[[max(low, 0.0)], [max(high, 0.0)]],
+                              color=colour, marker=marker, markersize=5, capsize=2.5,
+                              linewidth=1.2, markeredgecolor="black", markeredgewidth=0.4)
                 top = record.ci95_high if pd.notna(record.ci95_high) else record.mean
+            if record.is_best:
                 axis.plot(x, top, marker="*", color="black", markersize=8, transform=star)
-        axis.set_title(f"{dataset} · {backbone}", fontsize=9)
+        n_test = (int(seeds["n_test"].max()) if seeds is not None and "n_test" in seeds
+                  and len(seeds) else None)
+        n_seeds = int(panel["n_seeds"].max()) if len(panel) else 0
+        axis.set_title(f"{dataset} · {backbone}\n"
+                       f"n test = {n_test if n_test is not None else '?'}, seeds = {n_seeds}",
+                       fontsize=9)
+        ceiling = "baseline-at-ceiling" in ";".join(baseline["flags"])
+        if ceiling:
+            axis.text(0.5, 0.03, "⚠ baseline at ceiling: no room to improve", fontsize=7,
+                      color="#B00000", ha="center", transform=axis.transAxes)
         axis.grid(axis="y", alpha=0.3)
         axis.set_xlim(-0.6, len(order) - 0.4)
         if row == len(backbones) - 1:
@@ -293,13 +363,18 @@ def _classification_figure(rows: pd.DataFrame, order: list[str], label: str) -> 
         else:
             axis.set_xticks(range(len(order)), [])
         if column == 0:
-            axis.set_ylabel(f"test {label}\n(mean ± 95% CI over seeds)")
+            axis.set_ylabel(f"test {label}\n(mean ± 95% CI, or seeds)")
         axis.margins(y=0.15)
+        low, high = axis.get_ylim()
+        axis.set_ylim(max(low, 0.0), min(high, 1.02))  # the metric lives in [0, 1]
     handles = [Line2D([], [], color="black", linestyle="--", label="none (baseline): mean"),
                Patch(color="0.85", label="none: 95% CI"),
                Line2D([], [], color="black", marker="*", linestyle="", markersize=8,
-                      label="highest mean in panel")]
-    figure.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False)
+                      label="highest mean in panel"),
+               Line2D([], [], color="0.3", marker="o", linestyle="", markersize=4,
+                      label=f"one seed (under {MIN_SEEDS_FOR_INTERVAL} seeds: no CI)")]
+    figure.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False,
+                  fontsize=8)
     figure.suptitle(f"Downstream classification: test {label} by augmentation strategy")
     return figure
 
@@ -348,6 +423,7 @@ def fidelity_benchmark(fidelity: pd.DataFrame, stem: Path, table_stem: Path) -> 
         score = table[f"fid_{space}"].where(generated)
         table[f"is_best_fid_{space}"] = score.eq(
             score.groupby([table["dataset"], table["class"]]).transform("min"))
+    table["flags"] = _fidelity_flags(table, spaces)
     tsv, markdown = _table_paths(table_stem)
     write_table(tsv, table)
 
@@ -356,7 +432,8 @@ def fidelity_benchmark(fidelity: pd.DataFrame, stem: Path, table_stem: Path) -> 
         "dataset": overall["dataset"], "method": overall["method"],
         "domain feature network": overall["feature_network"],
         "n real": overall["n_real"].astype("Int64"),
-        "n generated": overall["n_generated"].astype("Int64")})
+        "n generated": overall["n_generated"].astype("Int64"),
+        "flags": overall["flags"].replace("", "–")})
     bold = pd.DataFrame(False, index=shown.index, columns=shown.columns)
     for space, name in spaces:
         shown[f"FID ({name}) ↓"] = [_mean_sd(value, np.nan) for value in overall[f"fid_{space}"]]
@@ -372,9 +449,30 @@ def fidelity_benchmark(fidelity: pd.DataFrame, stem: Path, table_stem: Path) -> 
                 "with real training images: the floor these metrics reach at that sample size. "
                 "Domain features: the network in 'domain feature network', not Inception; "
                 "numbers from different feature spaces are not comparable. "
-                "Bold: lowest FID of the dataset among generators.")
+                "Bold: lowest FID of the dataset among generators. Flags: noise / constant = "
+                "most images are per-pixel noise or flat (FID cannot rank them); "
+                "fid-*-far-above-floor = over 10x the real-vs-real value.")
     figure = _fidelity_figure(overall, spaces, order)
     return [tsv, markdown, *save_figure(figure, stem)]
+
+
+def _fidelity_flags(table: pd.DataFrame, spaces: list[tuple[str, str]]) -> list[str]:
+    """Each row's own image flags plus a FID far above its dataset's real-vs-real floor."""
+    from cellflow import flags
+
+    own = table["flags"].fillna("") if "flags" in table else pd.Series("", index=table.index)
+    floors = table[table["method"] == "real"].set_index(["dataset", "class"])
+    result = []
+    for index, row in table.iterrows():
+        beyond_floor = []
+        if row["method"] != "real" and (row["dataset"], row["class"]) in floors.index:
+            for space, _ in spaces:
+                floor = floors.at[(row["dataset"], row["class"]), f"fid_{space}"]
+                beyond_floor += flags.fid_floor_flags(row[f"fid_{space}"], floor, space)
+        if row["class"] == "all":  # the image flags were logged by the fidelity job
+            flags.warn(beyond_floor, f"{row['dataset']}: {row['method']}")
+        result.append(";".join(filter(None, [str(own[index]), flags.codes(beyond_floor)])))
+    return result
 
 
 def _fidelity_figure(overall: pd.DataFrame, spaces: list[tuple[str, str]],
@@ -399,14 +497,19 @@ def _fidelity_figure(overall: pd.DataFrame, spaces: list[tuple[str, str]],
         for x, name in enumerate(present):
             colour, _ = _style(name)
             error = rows.at[name, spread] * scale if spread else None
+            flagged = bool(rows.at[name, "flags"])
             axis.bar(x, rows.at[name, value] * scale, color=colour, edgecolor="black",
-                     linewidth=0.5, yerr=error, capsize=3, width=0.7)
+                     linewidth=0.5, yerr=error, capsize=3, width=0.7,
+                     hatch="//" if flagged else None)
+
         if "real" in rows.index and pd.notna(rows.at["real", value]):
             axis.axhline(rows.at["real", value] * scale, color=_style("real")[0],
                          linestyle="--", linewidth=1.1)
         if present:
             axis.set_xticks(range(len(present)), [
-                f"{name}\nn={rows.at[name, 'n_generated']:.0f}" for name in present], fontsize=8)
+                f"{name}\nn={rows.at[name, 'n_generated']:.0f}"
+                + ("\n⚠ " + rows.at[name, "flags"].replace(";", "\n") if rows.at[name, "flags"]
+                   else "") for name in present], fontsize=7)
         axis.grid(axis="y", alpha=0.3)
         if row == 0:
             networks = ", ".join(map(str, rows["feature_network"].dropna().unique()))
@@ -414,8 +517,10 @@ def _fidelity_figure(overall: pd.DataFrame, spaces: list[tuple[str, str]],
         if column == 0:
             axis.set_ylabel(ylabel, fontsize=9)
     handles = [Line2D([], [], color=_style("real")[0], linestyle="--",
-                      label="real test vs real train (noise floor)")]
-    figure.legend(handles=handles, loc="outside lower center", frameon=False)
+                      label="real test vs real train (noise floor)"),
+               Patch(facecolor="white", edgecolor="black", hatch="//",
+                     label="flagged: the number does not rank these images")]
+    figure.legend(handles=handles, loc="outside lower center", frameon=False, ncols=2)
     figure.suptitle("Image fidelity of generated vs real training images (class 'all')")
     return figure
 
@@ -440,12 +545,32 @@ def _fraction(wins: pd.Series) -> float:
     return float(wins.mean()) if wins.notna().any() else float("nan")
 
 
+def _trajectory_flags(table: pd.DataFrame, summaries: pd.DataFrame,
+                      fidelity: pd.DataFrame | None) -> list[str]:
+    """Per transition: its trajectories' flags, and the Cellflow frames' image flags (frames
+    that are noise make every per-frame measure, p(target) included, meaningless)."""
+    own = summaries.get("flags", pd.Series("", index=summaries.index)).fillna("")
+    by_transition = own.groupby([summaries[key] for key in _TRANSITION_KEYS]).agg(
+        lambda cells: ";".join(dict.fromkeys(code for cell in cells
+                                             for code in str(cell).split(";") if code)))
+    frames = {}
+    if fidelity is not None and "flags" in fidelity:
+        rows = fidelity[(fidelity["method"] == "cellflow") & (fidelity["class"] == "all")]
+        frames = {row.dataset: ";".join(f"frames-{code}" for code in str(row.flags).split(";")
+                                        if code and code in ("noise", "constant"))
+                  for row in rows.fillna({"flags": ""}).itertuples(index=False)}
+    return [";".join(filter(None, [by_transition.get(tuple(row), ""),
+                                   frames.get(row.dataset, "")]))
+            for row in table[_TRANSITION_KEYS].itertuples(index=False)]
+
+
 def trajectory_benchmark(summaries: pd.DataFrame, coherence: pd.DataFrame, stem: Path,
-                         table_stem: Path) -> list[Path]:
+                         table_stem: Path, fidelity: pd.DataFrame | None = None) -> list[Path]:
     """Per dataset and transition: cellularity monotonicity, landing, target belief, coherence.
 
-    Writes ``table_stem``.tsv (``<column>_mean``/``<column>_sd`` and the fractions of
-    trajectories smoother than their shuffled control), .md and ``stem``.png/.pdf.
+    Writes ``table_stem``.tsv (``<column>_mean``/``<column>_sd``, the fractions of trajectories
+    smoother than their shuffled control and ``flags``), .md and ``stem``.png/.pdf. ``fidelity``
+    (the fidelity tables) adds the flags of Cellflow's frames as images.
     """
     _require(summaries, ["dataset", "source_id", "source_class", "target_class",
                          *_SUMMARY_COLUMNS], "trajectory summary table")
@@ -473,6 +598,7 @@ def trajectory_benchmark(summaries: pd.DataFrame, coherence: pd.DataFrame, stem:
                                    zip(table["source_class"], table["target_class"], strict=True)])
     for count in ("n_trajectories", "n_coherence"):
         table[count] = table[count].fillna(0).astype(int)
+    table["flags"] = _trajectory_flags(table, summaries, fidelity)
     tsv, markdown = _table_paths(table_stem)
     write_table(tsv, table)
 
@@ -484,6 +610,7 @@ def trajectory_benchmark(summaries: pd.DataFrame, coherence: pd.DataFrame, stem:
     for column, header in (("fraction_ssim_above_shuffled", "SSIM > shuffled"),
                            ("fraction_smoother_than_shuffled", "smoother than shuffled")):
         shown[header] = ["–" if pd.isna(value) else f"{value:.0%}" for value in table[column]]
+    shown["flags"] = table["flags"].replace("", "–")
     write_markdown_table(
         shown, markdown,
         caption="Trajectories per dataset and transition (source→target class), mean ± sd over "
@@ -492,8 +619,13 @@ def trajectory_benchmark(summaries: pd.DataFrame, coherence: pd.DataFrame, stem:
                 "real mean (0) and the target class's (1). SSIM: of consecutive frames (higher "
                 "= smoother); 2nd difference: mean norm of second differences in feature space "
                 "(lower = smoother); 'shuffled': the same frames in random order, the control. "
-                "Last columns: share of trajectories smoother than their shuffled control.")
+                "Then: share of trajectories smoother than their shuffled control. Flags: "
+                "landing-*-undefined = the class means are closer than their spread (landing "
+                "not reported); frames-noise = the frames are per-pixel noise, so no column "
+                "here describes a path.")
     figure = _trajectory_figure(summaries, coherence)
+    _flag_footer(figure, [f"{row.dataset} {row.transition}: {row.flags}"
+                          for row in table.itertuples(index=False) if row.flags])
     return [tsv, markdown, *save_figure(figure, stem)]
 
 
@@ -632,6 +764,101 @@ def trajectory_strips(manifest: pd.DataFrame, frames_dir: Path, source_images: d
         for axis in axes[row, len(frames) + 1:-1]:
             axis.set_axis_off()
     figure.suptitle(title, fontsize=9)
+    return save_figure(figure, stem)
+
+
+@dataclass(frozen=True)
+class GeneratedSet:
+    """One generative method's images: its generation manifest and the folder it is in."""
+
+    method: str
+    manifest: pd.DataFrame
+    root: Path
+    flags: str = ""
+
+
+def _class_cells(generated: GeneratedSet, class_name: str, per_method: int, real_paths:
+                 Mapping[str, Path]) -> list[tuple[Path, str]]:
+    """What one method shows for one class: images that count as it, labelled.
+
+    Cellflow shows one whole trajectory into the class (real source first), so that a reader
+    sees each stair next to where it started; other methods show their first images of it.
+    """
+    from cellflow.evaluate import hard_class
+
+    table = generated.manifest
+    if generated.method == "cellflow":
+        into = table[table["target_class"] == class_name].sort_values(["source_id",
+                                                                       "frame_index"])
+        if into.empty:
+            return []
+        first = into[into["source_id"] == into["source_id"].iloc[0]]
+        source = str(first["source_id"].iloc[0])
+        cells = [(real_paths[source], f"source ({first['source_class'].iloc[0]})")]
+        return cells + [(generated.root / row.path,
+                         f"τ={row.stair} w={row.soft_label_weight:.2f}")
+                        for row in first.itertuples(index=False)]
+    rows = table[hard_class(table) == class_name].sort_values("path").head(per_method)
+    if "source_class" in rows and rows["source_class"].ne(rows["target_class"]).any():
+        return [(generated.root / row.path, f"from {row.source_class}")
+                for row in rows.itertuples(index=False)]
+    return [(generated.root / path, "sample") for path in rows["path"]]
+
+
+def side_by_side(data: pd.DataFrame, data_root: Path, generated: list[GeneratedSet],
+                 classes: list[str], stem: Path, title: str, per_method: int = 4
+                 ) -> list[Path]:
+    """Per class, a row: real training images | Cellflow frames | every other method's images.
+
+    All images are drawn at the same size, pixel for pixel, so that noise, blur and copies are
+    seen for what they are; a method's flags (see :mod:`cellflow.flags`) head its column group.
+    """
+    _require(data, ["id", "path", "label_name", "split"], "data manifest")
+    for entry in generated:
+        _require(entry.manifest, ["path", "source_id", "source_class", "target_class",
+                                  "soft_label_weight", "stair", "frame_index"],
+                 f"{entry.method} generation manifest", empty_ok=True)
+    train = data[data["split"] == "train"].sort_values("id")
+    real_paths = {str(row.id): data_root / row.path for row in data.itertuples(index=False)}
+    groups = [("real", "", {name: [(data_root / path, "real") for path in
+                                   train.loc[train["label_name"] == name, "path"]
+                                   .head(per_method)] for name in classes})]
+    for entry in sorted(generated, key=lambda item: _order([g.method for g in generated])
+                        .index(item.method)):
+        groups.append((entry.method, entry.flags,
+                       {name: _class_cells(entry, name, per_method, real_paths)
+                        for name in classes}))
+    blank = np.full_like(_read_rgb(data_root / train["path"].iloc[0]), 255)
+    widths = [max(1, *(len(cells) for cells in per_class.values()))
+              for _, _, per_class in groups]
+    columns = sum(widths) + len(groups) - 1  # a blank column between methods
+    figure, axes = plt.subplots(len(classes), columns, squeeze=False,
+                                figsize=(0.9 * columns + 0.9, 1.1 * len(classes) + 1.1))
+    for axis in axes.flat:
+        axis.set_axis_off()
+    start = 0
+    for (method, flags, per_class), width in zip(groups, widths, strict=True):
+        header = method if not flags else f"{method}\n⚠ {flags}"
+        axes[0, start].annotate(header, (0, 1), xycoords="axes fraction",
+                                xytext=(0, 24), textcoords="offset points", fontsize=8,
+                                fontweight="bold", color=_style(method)[0] if not flags
+                                else "#B00000", va="bottom")
+        for row, class_name in enumerate(classes):
+            cells = per_class[class_name]
+            if not cells:
+                # A blank tile of the same size keeps the grid (and the headers) aligned.
+                _picture(axes[row, start], blank, "")
+                axes[row, start].set_axis_on()
+                _note(axes[row, start], "none\ngenerated")
+            for offset, (path, label) in enumerate(cells):
+                axis = axes[row, start + offset]
+                axis.set_axis_on()
+                _picture(axis, _read_rgb(path), label)
+        start += width + 1
+    for row, class_name in enumerate(classes):
+        axes[row, 0].set_axis_on()
+        axes[row, 0].set_ylabel(class_name, fontsize=8, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=10, y=1.1)
     return save_figure(figure, stem)
 
 
@@ -939,15 +1166,24 @@ def plot_accuracy_by_timestep(table: pd.DataFrame, chance: float, path: Path, ti
     _save(figure, path)
 
 
-def save_sample_grid(samples: torch.Tensor, rows: int, path: Path) -> None:
-    """Images in [-1, 1] laid out ``rows`` x (N / rows), one row per class."""
-    # Imported here: the benchmark figures and tables should not pay for loading torch.
-    from torchvision.utils import make_grid
+def save_sample_grid(samples: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
+    """Images in [-1, 1], one row per class (in ``classes`` order), each row labelled.
 
-    grid = make_grid((samples.float().cpu() + 1) / 2, nrow=len(samples) // rows, padding=2,
-                     pad_value=1.0)
-    array = (grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    save_png(path, array)
+    Pixels are drawn as squares at a size a person can judge (a 32 px tile is not), and the
+    title carries what the reader needs to weigh them, e.g. how long the model trained.
+    """
+    pictures = ((samples.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    pictures = pictures.permute(0, 2, 3, 1).numpy()
+    per_row = len(pictures) // len(classes)
+    figure, axes = plt.subplots(len(classes), per_row, squeeze=False,
+                                figsize=(1.1 * per_row + 1.0, 1.15 * len(classes) + 0.5))
+    for index, picture in enumerate(pictures):
+        row, column = divmod(index, per_row)
+        _picture(axes[row, column], picture, "")
+    for row, name in enumerate(classes):
+        axes[row, 0].set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
+    figure.suptitle(title, fontsize=8)
+    _save(figure, path)
 
 
 def save_trajectory_strip(sources: list[np.ndarray], frames: list[np.ndarray],
@@ -964,3 +1200,237 @@ def save_trajectory_strip(sources: list[np.ndarray], frames: list[np.ndarray],
             _picture(axes[row, column], picture, label)
     figure.suptitle(title, fontsize=9)
     _save(figure, path)
+
+
+# --- 10. per-class metrics --------------------------------------------------------------------
+
+_PER_CLASS_COLUMNS = ["dataset", "backbone", "strategy", "class_index", "class", "metric", "mean",
+                      "sd", "n_seeds", "support"]
+_CONFUSION_COLUMNS = ["dataset", "backbone", "strategy", "true_index", "true_class",
+                      "predicted_index", "predicted_class", "fraction", "n_seeds", "n_test"]
+_PER_CLASS_LABELS = {"precision": "precision", "recall": "recall", "f1": "F1"}
+
+
+def _seeds_text(counts: Iterable[int]) -> str:
+    seeds = sorted({int(count) for count in counts if pd.notna(count)})
+    if not seeds:
+        return "an unknown number of"
+    return f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+
+
+def per_class_figure(per_class: pd.DataFrame, confusion: pd.DataFrame, stem: Path,
+                     table_stem: Path, title: str) -> list[Path]:
+    """Per-class test precision, recall and F1 per strategy, and where each class's images go.
+
+    A mean over classes hides a strategy that helps the common classes and hurts a rare one;
+    these show it. ``per_class`` and ``confusion``: what ``aggregate.per_class_summary`` and
+    ``aggregate.mean_confusion`` return. Writes ``table_stem``.tsv (the per-class rows), .md (a
+    row per dataset, backbone, class and metric, a column per strategy, mean ± SD over seeds,
+    the highest mean bold) and ``stem``.png/.pdf: per dataset and backbone a row-normalised
+    confusion matrix per strategy, all on one colour scale, then every strategy's per-class F1.
+    """
+    _require(per_class, _PER_CLASS_COLUMNS, "per-class table")
+    _require(confusion, _CONFUSION_COLUMNS, "confusion table")
+    unknown = sorted(set(per_class["metric"]) - set(_PER_CLASS_LABELS))
+    if unknown:
+        raise ValueError(f"per-class table has unknown metric(s) {', '.join(unknown)} "
+                         f"(expected: {', '.join(_PER_CLASS_LABELS)})")
+    order = _order([*per_class["strategy"], *confusion["strategy"]])
+    rank = {name: index for index, name in enumerate(order)}
+    metric_rank = {name: index for index, name in enumerate(_PER_CLASS_LABELS)}
+    rows = (per_class.assign(_strategy=per_class["strategy"].map(rank),
+                             _metric=per_class["metric"].map(metric_rank))
+            .sort_values(["dataset", "backbone", "class_index", "_metric", "_strategy"])
+            .drop(columns=["_strategy", "_metric"]))
+    tsv, markdown = _table_paths(table_stem)
+    write_table(tsv, rows)
+
+    index = ["dataset", "backbone", "class", "n test", "metric"]
+    # One test split for all strategies and seeds: the largest support guards a malformed row.
+    support = rows.groupby(["dataset", "backbone", "class_index"])["support"].transform("max")
+    shown = rows.assign(**{"n test": support, "metric": rows["metric"].map(
+        _PER_CLASS_LABELS), "cell": [_mean_sd(mean, sd, ".3f") for mean, sd
+                                     in zip(rows["mean"], rows["sd"], strict=True)]})
+    keys = pd.MultiIndex.from_frame(shown[index].drop_duplicates())
+    by_strategy = shown.set_index([*index, "strategy"])
+    cells = by_strategy["cell"].unstack("strategy").reindex(index=keys, columns=order)
+    means = by_strategy["mean"].unstack("strategy").reindex(index=keys, columns=order)
+    cells.columns.name = None
+    write_markdown_table(
+        cells.fillna("–"), markdown, bold=means.eq(means.max(axis=1), axis=0),
+        caption=f"Test precision, recall and F1 per class: mean ± SD over "
+                f"{_seeds_text(rows['n_seeds'])} seeds per cell. n test: test images of the "
+                "class. Bold: highest mean of the row. –: not run.")
+    figure = _per_class_figure(rows, confusion, order)
+    figure.suptitle(title)
+    return [tsv, markdown, *save_figure(figure, stem)]
+
+
+def _confusion_panel(axis: Axes, cells: pd.DataFrame) -> matplotlib.image.AxesImage:
+    """A row-normalised confusion matrix, each cell's value written in it."""
+    fractions = cells.pivot(index="true_index", columns="predicted_index", values="fraction")
+    names = (cells.drop_duplicates("true_index").sort_values("true_index")["true_class"]
+             .tolist())
+    image = axis.imshow(fractions.to_numpy(), cmap="Blues", vmin=0, vmax=1)
+    size = max(5.0, 9.0 - 0.4 * len(names))
+    for (true, predicted), value in np.ndenumerate(fractions.to_numpy()):
+        axis.text(predicted, true, "–" if np.isnan(value) else f"{value:.2f}", ha="center",
+                  va="center", fontsize=size, color="white" if value > 0.6 else "black")
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    axis.set_xlabel("predicted class", fontsize=8)
+    return image
+
+
+def _per_class_figure(rows: pd.DataFrame, confusion: pd.DataFrame,
+                      order: list[str]) -> plt.Figure:
+    panels = list(confusion[["dataset", "backbone"]].drop_duplicates()
+                  .sort_values(["dataset", "backbone"]).itertuples(index=False))
+    classes = int(confusion["true_index"].nunique())
+    side = max(2.0, 0.4 * classes + 1.0)
+    f1_width = max(3.0, 0.3 * classes * len(order) ** 0.5 + 1.5)
+    figure, axes = plt.subplots(
+        len(panels), len(order) + 1, squeeze=False, layout="constrained",
+        figsize=(side * len(order) + f1_width, side * len(panels) + 1.2),
+        gridspec_kw={"width_ratios": [side] * len(order) + [f1_width]})
+    image = None
+    for row, (dataset, backbone) in enumerate(panels):
+        here = confusion[(confusion["dataset"] == dataset) & (confusion["backbone"] == backbone)]
+        for column, name in enumerate(order):
+            axis = axes[row, column]
+            cells = here[here["strategy"] == name]
+            heading = f"{name}\n{dataset} · {backbone}"
+            if cells.empty:
+                axis.set_title(heading, fontsize=8, color=_style(name)[0])
+                _note(axis, "not run")
+                continue
+            image = _confusion_panel(axis, cells)
+            axis.set_title(f"{heading}\nn = {cells['n_test'].iloc[0]:g} test images, "
+                           f"{cells['n_seeds'].iloc[0]} seed(s)", fontsize=8,
+                           color=_style(name)[0])
+            if column == 0:
+                axis.set_ylabel("true class", fontsize=8)
+        _f1_panel(axes[row, -1], rows[(rows["dataset"] == dataset)
+                                      & (rows["backbone"] == backbone)
+                                      & (rows["metric"] == "f1")], order)
+    if image is not None:
+        figure.colorbar(image, ax=axes[:, :len(order)].ravel().tolist(), shrink=0.8,
+                        label="fraction of the true class's test images\n(each row sums to 1)")
+    handles = [Line2D([], [], color=_style(name)[0], marker=_style(name)[1], linestyle="",
+                      markeredgecolor="black", markeredgewidth=0.4, label=name)
+               for name in order]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(order), 6),
+                  frameon=False)
+    return figure
+
+
+def _f1_panel(axis: Axes, f1: pd.DataFrame, order: list[str]) -> None:
+    """Every strategy's per-class test F1 (mean ± SD over seeds), side by side per class."""
+    names = f1.drop_duplicates("class_index").sort_values("class_index")["class"].tolist()
+    positions = {index: x for x, index in enumerate(sorted(f1["class_index"].unique()))}
+    step = 0.8 / len(order)
+    for offset, name in enumerate(order):
+        rows = f1[f1["strategy"] == name]
+        colour, marker = _style(name)
+        x = rows["class_index"].map(positions) - 0.4 + step * (offset + 0.5)
+        axis.errorbar(x, rows["mean"], yerr=rows["sd"].fillna(0.0), color=colour,
+                      marker=marker, linestyle="", markersize=4, capsize=2, linewidth=1.0,
+                      markeredgecolor="black", markeredgewidth=0.4)
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    axis.set(ylim=(0, 1.05), ylabel="test F1 (mean ± SD over seeds)")
+    axis.set_title("per-class F1", fontsize=8)
+    axis.grid(axis="y", alpha=0.3)
+
+
+# --- 11. memorization -------------------------------------------------------------------------
+
+def _distance_name(space: str) -> str:
+    return "pixel MSE" if space == "pixel" else f"{space} L2"
+
+
+def closest_pairs_figure(pairs: pd.DataFrame, generated_root: Path, real_root: Path, stem: Path,
+                         title: str, n: int = 8, space: str = "pixel") -> list[Path]:
+    """The ``n`` generated images closest to a training image, each above that real image.
+
+    ``pairs`` is the generated table of ``memorization.nearest_real_neighbours`` (one method or
+    several). Looking is the check that a small distance is a copy and not two plain images;
+    the label gives the distance, its ratio to the real test images' median and 'own source'.
+    """
+    distance, ratio = f"distance_{space}", f"ratio_{space}"
+    nearest_id, nearest_path = f"nearest_id_{space}", f"nearest_path_{space}"
+    own = f"nearest_is_source_{space}"
+    _require(pairs, ["method", "frame_index", "path", nearest_id, nearest_path, distance, ratio,
+                     own], "memorization table")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    closest = pairs.sort_values(distance, kind="stable").head(n).to_dict("records")
+    figure, axes = plt.subplots(2, len(closest), squeeze=False,
+                                figsize=(1.3 * len(closest) + 0.8, 3.6))
+    for column, row in enumerate(closest):
+        _picture(axes[0, column], _read_rgb(Path(generated_root) / row["path"]),
+                 f"{row['method']} frame {row['frame_index']}")
+        _picture(axes[1, column], _read_rgb(Path(real_root) / row[nearest_path]),
+                 f"{row[nearest_id]}\n{_distance_name(space)} {row[distance]:.3g}\n"
+                 f"ratio {row[ratio]:.2f}" + (" · own source" if row[own] else ""))
+    axes[0, 0].set_ylabel("generated", fontsize=7)
+    axes[1, 0].set_ylabel("nearest real\ntraining image", fontsize=7)
+    figure.suptitle(f"{title}: the {len(closest)} generated images closest to a training "
+                    f"image ({_distance_name(space)})", fontsize=9)
+    return save_figure(figure, stem)
+
+
+def memorization_ratios(neighbours: pd.DataFrame, reference: pd.DataFrame, stem: Path,
+                        title: str, quantile: float = 0.05) -> list[Path]:
+    """Per space, each method's ratio distribution against the real test images' (about 1).
+
+    The dashed line is the copy threshold (the ``quantile`` of the real test ratios); each
+    legend entry gives the share of images at or below it, ``quantile`` for a non-copier.
+    """
+    from cellflow.memorization import thresholds
+
+    limits = thresholds(reference, quantile)
+    if not limits:
+        raise ValueError("memorization reference has no distance_* column")
+    _require(neighbours, ["method", *(f"ratio_{space}" for space in limits)],
+             "memorization table")
+    figure, axes = plt.subplots(1, len(limits), squeeze=False, layout="constrained",
+                                figsize=(4.6 * len(limits), 3.6))
+    for axis, space in zip(axes[0], limits, strict=True):
+        column, limit = f"ratio_{space}", limits[space]
+        values = pd.concat([neighbours[column], reference[column]]).to_numpy(float)
+        upper = max(2.0, float(np.quantile(values, 0.99)))
+        bins = np.linspace(0, upper, 41)
+        real = reference[column].to_numpy(float)
+        axis.hist(np.clip(real, 0, upper), bins, density=True, color="0.82",
+                  label=f"real test (n = {len(real)}, {np.mean(real <= limit):.0%})")
+        for method in _order(neighbours["method"]):
+            ratios = neighbours.loc[neighbours["method"] == method, column].to_numpy(float)
+            axis.hist(np.clip(ratios, 0, upper), bins, density=True, histtype="step",
+                      linewidth=1.4, color=_style(method)[0],
+                      label=f"{method} (n = {len(ratios)}, {np.mean(ratios <= limit):.0%})")
+        axis.axvline(limit, color="black", linestyle="--", linewidth=0.9,
+                     label=f"copy threshold {limit:.2f}\n({quantile:.0%} quantile of real test)")
+        axis.set(xlabel=f"{_distance_name(space)} to nearest training image\n÷ real test median "
+                        f"(values above {upper:.1f} in the last bin)",
+                 ylabel="density", title=f"{space} space")
+        axis.legend(fontsize=7, frameon=False, title="share at or below threshold",
+                    title_fontsize=7)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{title}: distance to the training set (≪ 1: copies)")
+    return save_figure(figure, stem)
+
+
+def memorization_table(summary: pd.DataFrame, table_stem: Path, quantile: float = 0.05
+                       ) -> list[Path]:
+    """``memorization.memorization_summary`` as TSV and Markdown, with how to read it."""
+    _require(summary, ["method", "frame_index", "n_images"], "memorization summary")
+    tsv, markdown = _table_paths(table_stem)
+    write_table(tsv, summary)
+    caption = ("Nearest real training image of each generated image. ratio: distance over the "
+               "median distance of the real test images (about 1 for new images, ≪ 1 for "
+               f"copies); share_below_threshold: ratio at or below the threshold, the "
+               f"{quantile:.0%} quantile of the real test ratios (about {quantile:.0%} for a "
+               f"method that does not copy); share_own_source: the nearest training image is "
+               f"the image's own source.")
+    write_markdown_table(summary, markdown, floatfmt=".3g", caption=caption)
+    return [tsv, markdown]

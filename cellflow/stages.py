@@ -131,7 +131,10 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
     with staged_directory(out_dir) as staging:
         ema_unet.save_pretrained(staging / "unet")
         scheduler.save_pretrained(staging / "scheduler")
-        save_sample_grid(sampled, len(spec.dataset.classes), staging / "samples.png")
+        save_sample_grid(
+            sampled, list(spec.dataset.classes), staging / "samples.png",
+            f"{spec.dataset.name}: class-conditional DDIM samples ({samples['ddim_steps']} steps) "
+            f"after {spec.settings['train']['steps']} training steps")
         _write_common(staging, result, spec, fingerprint, "diffusion")
     return result
 

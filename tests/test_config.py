@@ -61,6 +61,16 @@ def test_defaults_are_filled_in():
         (lambda c: c["bridge"].update(inversion_steps=30),
          "bridge.inversion_steps: 30 must divide noise_schedule.num_train_timesteps"),
         (lambda c: c["bridge"].update(frames=25), "bridge.frames: 25 stairs do not fit in 20"),
+        (lambda c: c["datasets"]["synthetic"].update(split={"group": {"patern": "P\\d+"}}),
+         "datasets.synthetic.split.group.patern: unknown key (did you mean 'pattern'?)"),
+        (lambda c: c["datasets"]["synthetic"].update(
+            split={"group": {"sheet": "s.tsv", "column": "patient", "path_colum": "file"}}),
+         "datasets.synthetic.split.group.path_colum: unknown key (did you mean 'path_column'?)"),
+        (lambda c: c["datasets"]["synthetic"].update(
+            split={"group": {"pattern": "P\\d+", "sheet": "s.tsv", "column": "patient"}}),
+         "datasets.synthetic.split.group: "),
+        (lambda c: c["datasets"]["synthetic"].update(split={"group": {"sheet": "s.tsv"}}),
+         "datasets.synthetic.split.group: "),
     ],
 )
 def test_errors_name_the_file_and_the_key(edit, expected):
@@ -70,6 +80,21 @@ def test_errors_name_the_file_and_the_key(edit, expected):
         validate_config(config, source="config/mine.yaml")
     assert "config/mine.yaml" in str(caught.value)
     assert expected in str(caught.value)
+
+
+def test_group_rules_are_parsed_into_the_split_config():
+    from cellflow.config import GroupRule
+
+    config = demo()
+    config["datasets"]["second"] = dict(config["datasets"]["synthetic"])
+    config["datasets"]["synthetic"]["split"] = {"group": {"pattern": r"(P\d+)_"}}
+    config["datasets"]["second"]["split"] = {"group": {"sheet": "s.tsv", "column": "patient"}}
+    datasets = dataset_configs(validate_config(config))
+    assert datasets["synthetic"].split.group == GroupRule(pattern=r"(P\d+)_")
+    assert datasets["second"].split.group == GroupRule(sheet=Path("s.tsv"), column="patient",
+                                                       path_column="path")
+    assert datasets["second"].split.val_fraction == 0.15
+    assert dataset_configs(validate_config(demo()))["synthetic"].split.group is None
 
 
 def test_cellularity_defaults_of_the_schema_are_the_estimators():
@@ -116,3 +141,11 @@ def test_check_config_command(tmp_path, capsys):
     typo.write_text(DEMO.read_text().replace("resolution:", "resolutoin:"))
     assert main(["check-config", str(typo)]) == 1
     assert "datasets.synthetic.resolutoin: unknown key" in capsys.readouterr().err
+
+
+def test_the_benchmark_name_defaults_to_the_config_file_name():
+    from cellflow.config import default_benchmark_name
+
+    assert default_benchmark_name(["config/config.yaml", "config/paper.yaml"]) == "paper"
+    assert default_benchmark_name(["runs/proof v2.yaml"]) == "proof-v2"
+    assert default_benchmark_name([]) == "default"

@@ -5,11 +5,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig, GroupRule, PrepareConfig, SplitConfig, SyntheticConfig
 from cellflow.data import (
     DataError,
     center_crop_resize,
     discover_class_folders,
+    grouped_split,
+    image_groups,
     prepare_dataset,
     stratified_split,
 )
@@ -18,10 +20,10 @@ PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="
                         contact_sheet_images=8)
 
 
-def dataset(classes=("a", "b"), resolution=32, root=None) -> DatasetConfig:
+def dataset(classes=("a", "b"), resolution=32, root=None, group=None) -> DatasetConfig:
     return DatasetConfig(
         name="toy", kind="folder", resolution=resolution, classes=tuple(classes),
-        transitions=(), split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
+        transitions=(), split=SplitConfig(val_fraction=0.2, test_fraction=0.2, group=group),
         synthetic=SyntheticConfig(images_per_class=4, image_size=64), root=root,
     )
 
@@ -37,8 +39,8 @@ def test_prepares_images_manifest_counts_and_sheets(make_folder_dataset, tmp_pat
     manifest = prepare(root, out)
     assert len(manifest) == 25
     on_disk = pd.read_csv(out / "manifest.tsv", sep="\t", keep_default_na=False)
-    assert list(on_disk.columns[:7]) == ["id", "path", "label", "label_name", "split",
-                                        "source_path", "note"]
+    assert list(on_disk.columns) == ["id", "path", "label", "label_name", "split",
+                                     "source_path", "note", "group"]
     assert on_disk["id"].is_unique
     assert set(on_disk["label"]) == {0, 1}
     assert (on_disk["label"] == on_disk["label_name"].map({"a": 0, "b": 1})).all()
@@ -269,3 +271,134 @@ def test_weights_written_through_atomic_path_follow_the_umask(tmp_path):
         save_file({"weight": torch.zeros(2)}, str(temporary))  # safetensors writes 0600
     mode = stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode)
     assert mode == 0o666 & ~io._UMASK
+
+
+def short(splits):
+    """train/val/test as r/a/e, to compare a split with a recorded one at a glance."""
+    return "".join(split[1] for split in splits)
+
+
+def test_without_a_group_rule_the_split_is_the_image_level_one(make_folder_dataset, tmp_path):
+    # recorded from the image-level split before grouped splits existed: same seed, same draws
+    labels = ["a"] * 9 + ["b"] * 7 + ["c"] * 5
+    assert short(stratified_split(labels, SplitConfig(0.2, 0.2), seed=11)) == \
+        "rarrreerarrerrarrarer"
+    fixed = ["train"] * 6 + ["test"] * 3 + ["train"] * 5 + ["test"] * 2 + ["train"] * 4 + ["test"]
+    assert short(stratified_split(labels, SplitConfig(0.2, 0.2), seed=11, fixed=fixed)) == \
+        "rrrarreeerrarreerrrae"
+    root = make_folder_dataset({"a": 10, "b": 15}, size=48)
+    manifest = prepare(root, tmp_path / "out")
+    assert short(manifest["split"]) == "rrarerearrrrarererrerrraa"
+    on_disk = pd.read_csv(tmp_path / "out" / "manifest.tsv", sep="\t", keep_default_na=False)
+    assert (on_disk["group"] == "").all()
+    counts = pd.read_csv(tmp_path / "out" / "group_counts.tsv", sep="\t")
+    assert list(counts.columns) == ["split", "groups", "images"]
+    assert (counts["groups"] == counts["images"]).all()  # each image is its own unit
+
+
+def random_layout(rng):
+    """Patients of 1-8 images, mostly of one class but some of mixed classes."""
+    labels, groups = [], []
+    for patient in range(int(rng.integers(18, 40))):
+        main = "abc"[patient % 3]
+        for _ in range(int(rng.integers(1, 9))):
+            labels.append(main if rng.random() > 0.3 else "abc"[int(rng.integers(3))])
+            groups.append(f"p{patient}")
+    return labels, groups
+
+
+@pytest.mark.parametrize("layout", range(8))
+def test_grouped_split_keeps_groups_whole_and_every_class_in_every_split(layout):
+    labels, groups = random_layout(np.random.default_rng(layout))
+    for seed in range(4):
+        splits = grouped_split(labels, groups, SplitConfig(0.15, 0.2), seed)
+        table = pd.DataFrame({"label": labels, "group": groups, "split": splits})
+        assert (table.groupby("group")["split"].nunique() == 1).all()
+        per_class = pd.crosstab(table["label"], table["split"])
+        assert list(per_class.columns) == ["test", "train", "val"]
+        assert (per_class > 0).all().all()
+        assert splits == grouped_split(labels, groups, SplitConfig(0.15, 0.2), seed)
+
+
+def test_grouped_split_is_stratified_as_far_as_groups_allow():
+    labels = [label for patient in range(60) for label in ["abc"[patient % 3]] * 4]
+    groups = [f"p{patient}" for patient in range(60) for _ in range(4)]
+    splits = grouped_split(labels, groups, SplitConfig(0.2, 0.2), seed=5)
+    table = pd.crosstab(pd.Series(labels, name="c"), pd.Series(splits, name="s"))
+    assert (table["test"] == 16).all() and (table["val"] == 16).all()  # 4 patients each
+    assert (table["train"] == 48).all()
+    assert splits != grouped_split(labels, groups, SplitConfig(0.2, 0.2), seed=6)
+
+
+def test_a_class_in_too_few_groups_is_an_error():
+    labels = ["a"] * 12 + ["b"] * 6
+    groups = [f"p{i % 6}" for i in range(12)] + ["q1"] * 3 + ["q2"] * 3
+    with pytest.raises(DataError, match=r"class 'b' is in 2 group\(s\)"):
+        grouped_split(labels, groups, SplitConfig(0.2, 0.2), seed=0)
+
+
+def test_pattern_groups_with_and_without_a_capture_group():
+    paths = ["tumour/TCGA-01_x3.png", "normal/TCGA-02_y1.png", "normal/sub/TCGA-01_z.png"]
+    by_capture = image_groups(paths, GroupRule(pattern=r"(TCGA-\d+)_"), "toy")
+    assert by_capture == ["TCGA-01", "TCGA-02", "TCGA-01"]
+    assert image_groups(paths, GroupRule(pattern=r"TCGA-\d+"), "toy") == by_capture
+    assert image_groups(paths, None, "toy") == ["", "", ""]
+    with pytest.raises(DataError, match=r"datasets\.toy\.split\.group\.pattern .* 1 image\(s\)"
+                                        r".*: normal/other\.png"):
+        image_groups([*paths, "normal/other.png"], GroupRule(pattern=r"TCGA-\d+"), "toy")
+    with pytest.raises(DataError, match=r"datasets\.toy\.split\.group\.pattern: '\(' is not"):
+        image_groups(paths, GroupRule(pattern="("), "toy")
+
+
+def test_sheet_groups_and_their_errors(tmp_path):
+    paths = ["a/x.png", "b/y.png"]
+    tsv = tmp_path / "samples.tsv"
+    tsv.write_text("path\tpatient\n./a/x.png\tP1\nb/y.png\tP2\nc/unused.png\tP3\n")
+    assert image_groups(paths, GroupRule(sheet=tsv, column="patient"), "toy") == ["P1", "P2"]
+    csv = tmp_path / "samples.csv"
+    csv.write_text("file,slide\na/x.png,S1\n")
+    rule = GroupRule(sheet=csv, column="slide", path_column="file")
+    with pytest.raises(DataError, match=r"samples\.csv: no group in column 'slide' for 1 "
+                                        r"image\(s\).*: b/y\.png"):
+        image_groups(paths, rule, "toy")
+    with pytest.raises(DataError, match=r"samples\.tsv: no column 'slide' "
+                                        r"\(datasets\.toy\.split\.group\.column\)"):
+        image_groups(paths, GroupRule(sheet=tsv, column="slide"), "toy")
+    with pytest.raises(DataError, match=r"sample sheet .*nowhere\.tsv "
+                                        r"\(datasets\.toy\.split\.group\.sheet\) not found"):
+        image_groups(paths, GroupRule(sheet=tmp_path / "nowhere.tsv", column="patient"), "toy")
+
+
+def test_prepare_with_groups_writes_them_and_their_counts(make_folder_dataset, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cellflow.data")
+    root = make_folder_dataset({"a": 12, "b": 12}, size=40)
+    by_last_digit = GroupRule(pattern=r"_\d\d(\d)\.png")  # 10 groups, each of both classes
+    out = tmp_path / "out"
+    prepare(root, out, config=dataset(root=root, group=by_last_digit))
+    manifest = pd.read_csv(out / "manifest.tsv", sep="\t", dtype={"group": str})
+    assert set(manifest["group"]) == {str(digit) for digit in range(10)}
+    assert (manifest.groupby("group")["split"].nunique() == 1).all()
+    assert (pd.crosstab(manifest["label_name"], manifest["split"]) > 0).all().all()
+    counts = pd.read_csv(out / "group_counts.tsv", sep="\t").set_index("split")
+    assert counts.loc["total", "groups"] == 10 and counts.loc["total", "images"] == 24
+    assert counts.loc[["train", "val", "test"], "groups"].sum() == 10
+    assert f"train: {counts.loc['train', 'groups']} groups" in caplog.text
+    with pytest.raises(DataError, match=r"datasets\.toy\.split\.group\.pattern"):
+        prepare(root, tmp_path / "out2", config=dataset(root=root, group=GroupRule(pattern="z")))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_official_split_is_kept_and_only_val_is_grouped(make_folder_dataset, tmp_path, caplog):
+    root = tmp_path / "official"
+    make_folder_dataset({"a": 12, "b": 12}, root=root / "train", seed=1)
+    make_folder_dataset({"a": 5, "b": 4}, root=root / "test", seed=2)
+    by_last_digit = GroupRule(pattern=r"_\d\d(\d)\.png")  # digits 0-4 are in train and test
+    manifest = prepare(root, tmp_path / "out", config=dataset(root=root, group=by_last_digit))
+    from_test = manifest["source_path"].str.contains("/test/")
+    assert (manifest.loc[from_test, "split"] == "test").all()
+    carved = manifest[~from_test]
+    assert set(carved["split"]) == {"train", "val"}
+    assert (carved.groupby("group")["split"].nunique() == 1).all()
+    assert "5 group(s) are in more than one official split" in caplog.text

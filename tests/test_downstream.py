@@ -12,11 +12,20 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from cellflow.aggregate import mean_ci, read_runs, summarise
+from cellflow.aggregate import (
+    mean_ci,
+    mean_confusion,
+    per_class_from_confusion,
+    per_class_summary,
+    read_metrics,
+    read_runs,
+    summarise,
+)
 from cellflow.config import DatasetConfig, PrepareConfig, validate_config
 from cellflow.data import prepare_dataset
 from cellflow.downstream import (
     DownstreamTrainConfig,
+    classification_metrics,
     create_backbone,
     generated_training_set,
     soft_cross_entropy,
@@ -84,6 +93,107 @@ def test_summary_pairs_strategies_with_none_by_seed(tmp_path):
     assert np.isnan(baseline["diff_vs_none"].iloc[0]) and row["n_paired"] == 3
 
 
+
+def test_calibration_error_is_zero_when_calibrated_and_grows_with_overconfidence():
+    labels = np.array([0, 1, 2, 1])
+    assert classification_metrics(np.eye(3)[labels], labels, 3)["ece"] == pytest.approx(0.0)
+    wrong = np.array([[0.95, 0.05], [0.9, 0.1]])  # confident, and both wrong
+    assert classification_metrics(wrong, np.array([1, 1]), 2)["ece"] == pytest.approx(0.925)
+    # top-class confidences 0.6 (right), 0.7 (wrong), 0.8 (right), each alone in its bin
+    probs = np.array([[0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    assert classification_metrics(probs, np.array([0, 1, 1]), 2)["ece"] == pytest.approx(
+        (0.4 + 0.7 + 0.2) / 3)
+
+
+def crafted_predictions() -> tuple[np.ndarray, np.ndarray]:
+    """Four classes: class 2 is never predicted, class 3 never occurs (zero divisions)."""
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 0])
+    predicted = np.array([0, 0, 1, 3, 1, 1, 0, 1, 0, 0])
+    return labels, predicted
+
+
+def test_per_class_metrics_match_sklearn_and_the_confusion_matrix():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels, predicted = crafted_predictions()
+    metrics = classification_metrics(np.eye(4)[predicted], labels, 4)
+    expected = np.array(precision_recall_fscore_support(labels, predicted, labels=range(4),
+                                                        zero_division=0)).T
+    ours = [[entry[key] for key in ("precision", "recall", "f1", "support")]
+            for entry in metrics["per_class"]]
+    np.testing.assert_allclose(ours, expected)
+    assert metrics["per_class"][0]["precision"] == pytest.approx(3 / 5)  # by hand
+    assert metrics["per_class"][2] == {"class_index": 2, "precision": 0.0, "recall": 0.0,
+                                       "f1": 0.0, "support": 2}
+    derived = per_class_from_confusion(np.array(metrics["confusion_matrix"]))
+    pd.testing.assert_frame_equal(pd.DataFrame(derived), pd.DataFrame(metrics["per_class"]))
+
+
+def run_metrics(strategy: str, seed: int, confusion: list[list[int]], *, old: bool = False
+                ) -> dict:
+    """A metrics.json as train_downstream writes it; ``old``: as written before per_class/ece."""
+    test = {"accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5, "auroc": 0.5,
+            "confusion_matrix": confusion, "n": int(np.sum(confusion))}
+    if not old:
+        test.update(ece=(0.3 if strategy == "none" else 0.1) + 0.1 * seed,
+                    per_class=per_class_from_confusion(confusion))
+    return {"backbone": "resnet18", "strategy": strategy, "seed": seed,
+            "classes": ["normal", "mild", "tumour"], "test": test}
+
+
+SEED_CONFUSIONS = ([[4, 1, 0], [2, 2, 0], [0, 0, 0]], [[5, 0, 0], [1, 3, 0], [0, 0, 0]])
+
+
+def write_runs(tmp_path: Path, old_seeds: tuple[int, ...] = ()) -> list[Path]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for strategy in ("none", "mixup"):
+        for seed, confusion in enumerate(SEED_CONFUSIONS):
+            path = tmp_path / f"{strategy}{seed}.json"
+            path.write_text(json.dumps(run_metrics(strategy, seed, confusion,
+                                                   old=seed in old_seeds)))
+            paths.append(path)
+    return paths
+
+
+def test_per_class_summary_averages_seeds_and_old_runs_give_the_same(tmp_path):
+    summary = per_class_summary(read_metrics(write_runs(tmp_path), "toy"))
+    assert len(summary) == 2 * 3 * 3  # strategies x classes x metrics
+    recall = summary[(summary["strategy"] == "none") & (summary["class"] == "normal")
+                     & (summary["metric"] == "recall")].iloc[0]
+    assert recall["mean"] == pytest.approx((4 / 5 + 5 / 5) / 2)
+    assert recall["sd"] == pytest.approx(np.std([4 / 5, 1.0], ddof=1))
+    assert recall["n_seeds"] == 2 and recall["support"] == 5
+
+    old = per_class_summary(read_metrics(write_runs(tmp_path / "old", old_seeds=(0, 1)), "toy"))
+    pd.testing.assert_frame_equal(old, summary)
+
+
+def test_mean_confusion_averages_seeds_and_normalises_rows(tmp_path):
+    confusion = mean_confusion(read_metrics(write_runs(tmp_path), "toy"))
+    none = confusion[confusion["strategy"] == "none"]
+    assert len(none) == 9 and set(none["n_seeds"]) == {2} and set(none["n_test"]) == {9}
+    cell = none[(none["true_class"] == "mild") & (none["predicted_class"] == "normal")].iloc[0]
+    assert cell["count_mean"] == pytest.approx(1.5) and cell["fraction"] == pytest.approx(1.5 / 4)
+    rows = none.groupby("true_class")["fraction"].sum(min_count=1)
+    assert rows[["normal", "mild"]].tolist() == pytest.approx([1.0, 1.0])
+    assert np.isnan(rows["tumour"])  # no test images of the class: no fractions
+
+
+def test_old_runs_without_per_class_or_ece_still_summarise(tmp_path):
+    runs = read_runs(write_runs(tmp_path, old_seeds=(0,)), "toy")
+    summary = summarise(runs)
+    ece = summary[summary["metric"] == "ece"].set_index("strategy")
+    assert set(ece["better"]) == {"lower"}
+    assert set(summary.loc[summary["metric"] != "ece", "better"]) == {"higher"}
+    assert ece.loc["mixup", "mean"] == pytest.approx(0.2)  # only the seed that has it
+    # strategy minus none on the one seed both have: negative, and for ECE that is better
+    assert ece.loc["mixup", "diff_vs_none"] == pytest.approx(0.2 - 0.4)
+    assert ece.loc["mixup", "n_paired"] == 1 and np.isnan(ece.loc["none", "diff_vs_none"])
+    everything_old = summarise(read_runs(write_runs(tmp_path, old_seeds=(0, 1)), "toy"))
+    assert everything_old.loc[everything_old["metric"] == "ece", "mean"].isna().all()
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """Two clearly different synthetic classes at 32 px, prepared."""
@@ -115,6 +225,9 @@ def test_short_run_beats_chance_and_writes_its_run(prepared, tmp_path):
     assert len(pd.read_csv(out / "train_log.csv")) == metrics["epochs_run"]
     assert (out / "model.safetensors").stat().st_size > 0
     assert np.array(metrics["test"]["confusion_matrix"]).sum() == metrics["test"]["n"]
+    for split in ("val", "test"):
+        assert 0 <= metrics[split]["ece"] <= 1
+        assert [entry["class_index"] for entry in metrics[split]["per_class"]] == [0, 1]
 
 
 def test_generated_images_join_training_only(prepared, tmp_path):

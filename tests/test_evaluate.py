@@ -80,3 +80,21 @@ def test_one_summary_row_per_trajectory():
 def test_generated_images_count_as_the_target_class_from_half_weight():
     table = generated([1.0, 2.0, 3.0, 4.0])  # weights 0.25, 0.5, 0.75, 1
     assert hard_class(table).tolist() == ["normal", "neoplastic", "neoplastic", "neoplastic"]
+
+
+def test_landing_is_not_reported_when_the_class_means_coincide():
+    # Both classes spread 10-50 nuclei around means 29 and 31: a 2-nuclei gap is no direction.
+    real = REAL.copy()
+    real["nuclei_count"] = [10.0, 48.0, 12.0, 50.0, 0.0]
+    frames = trajectory_frames(real, generated([20.0, 40.0]))
+    frames["target_probability"] = 0.5
+    row = summarise_trajectories(frames, real).iloc[0]
+    assert np.isnan(row["landing_count"]) and "landing-count-undefined" in row["flags"]
+    assert np.isfinite(row["landing_area"])  # area still separates the classes
+    assert "landing-area" not in row["flags"]
+
+
+def test_separated_classes_get_no_landing_flag():
+    frames = trajectory_frames(REAL, generated([15.0, 30.0]))
+    frames["target_probability"] = 0.5
+    assert summarise_trajectories(frames, REAL).iloc[0]["flags"] == ""

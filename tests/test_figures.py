@@ -460,3 +460,186 @@ def test_stage_diagnostics_still_write(tmp_path: Path) -> None:
     for name in ("loss.png", "accuracy.png", "strip.png"):
         with Image.open(tmp_path / name) as image:
             assert image.format == "PNG"
+
+
+# --- 10. per-class metrics --------------------------------------------------------------------
+
+def per_class_inputs() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-class rows and mean confusion matrices of three strategies over two seeds, in which
+    cellflow has the highest recall of class A."""
+    from cellflow.aggregate import mean_confusion, per_class_summary
+
+    runs = [{"dataset": "colon", "backbone": "resnet10t", "strategy": strategy, "seed": seed,
+             "classes": ["A", "B", "C"],
+             "test": {"confusion_matrix": [[hits - seed, 10 - hits + seed, 0], [2, 7, 1],
+                                           [0, 3, 5]]}}
+            for strategy, hits in zip(STRATEGIES, (6, 6, 8), strict=True) for seed in range(2)]
+    return per_class_summary(runs), mean_confusion(runs)
+
+
+def test_per_class_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    per_class, confusion = per_class_inputs()
+    drawn: list[plt.Figure] = []
+    save = figures.save_figure
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda figure, stem: drawn.append(figure) or save(figure, stem))
+    stem, table_stem = tmp_path / "fig" / "per_class", tmp_path / "tab" / "per_class"
+    paths = figures.per_class_figure(per_class, confusion, stem, table_stem, "colon")
+    assert_figure(paths, stem)
+    assert {table_stem.with_suffix(".tsv"), table_stem.with_suffix(".md")} <= set(paths)
+
+    heatmaps = [axis for axis in drawn[0].axes if axis.images]
+    assert [axis.get_title().split("\n")[0] for axis in heatmaps] == list(STRATEGIES)
+    assert all("n = 28 test images, 2 seed(s)" in axis.get_title() for axis in heatmaps)
+    assert {axis.images[0].get_clim() for axis in heatmaps} == {(0, 1)}  # one colour scale
+    # none's row A: [6, 4, 0] and [5, 5, 0] over the seeds
+    assert {"0.55", "0.45", "0.00"} <= {text.get_text() for text in heatmaps[0].texts}
+    assert [tick.get_text() for tick in heatmaps[0].get_yticklabels()] == ["A", "B", "C"]
+
+    assert len(pd.read_csv(table_stem.with_suffix(".tsv"), sep="\t")) == len(per_class)
+    rows = markdown_rows(table_stem.with_suffix(".md"))
+    assert rows[0] == ["dataset", "backbone", "class", "n test", "metric", *STRATEGIES]
+    assert [row[2:5] for row in rows[1:4]] == [["A", "10", "precision"], ["A", "10", "recall"],
+                                               ["A", "10", "F1"]]
+    assert len(rows) == 1 + 3 * 3
+    recall = rows[2][5:]
+    assert [cell.startswith("**") for cell in recall] == [False, False, True]
+    assert recall[0] == "0.550 ± 0.071"
+
+
+def test_per_class_figure_names_bad_input(tmp_path: Path) -> None:
+    per_class, confusion = per_class_inputs()
+    with pytest.raises(ValueError, match="fraction"):
+        figures.per_class_figure(per_class, confusion.drop(columns="fraction"),
+                                 tmp_path / "f", tmp_path / "t", "colon")
+    with pytest.raises(ValueError, match="no rows"):
+        figures.per_class_figure(per_class.iloc[0:0], confusion, tmp_path / "f",
+                                 tmp_path / "t", "colon")
+    assert not list(tmp_path.glob("f.*")) and not list(tmp_path.glob("t.*"))
+
+
+# --- flags on the benchmark figures -----------------------------------------------------------
+
+def test_classification_flags_a_ceiling_baseline_few_seeds_and_a_clipped_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, runs = [], []
+    for strategy, values in (("none", [1.0, 1.0]), ("cellflow", [0.6, 1.0])):
+        mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
+        rows.append({"dataset": "colon", "backbone": "resnet10t", "strategy": strategy,
+                     "metric": "balanced_accuracy", "n_seeds": 2, "mean": mean, "sd": sd,
+                     "ci95_low": mean - 12.7 * sd / np.sqrt(2),
+                     "ci95_high": mean + 12.7 * sd / np.sqrt(2)})
+        runs += [{"dataset": "colon", "backbone": "resnet10t", "strategy": strategy,
+                  "seed": seed, "n_test": 24, "balanced_accuracy": value}
+                 for seed, value in enumerate(values)]
+    drawn = {}
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda figure, stem: drawn.setdefault("figure", figure) and [])
+    figures.classification_benchmark(pd.DataFrame(rows), tmp_path / "f", tmp_path / "t",
+                                     runs=pd.DataFrame(runs))
+    table = pd.read_csv(tmp_path / "t.tsv", sep="\t", keep_default_na=False).set_index(
+        "strategy")
+    assert table.loc["none", "flags"].split(";") == ["too-few-seeds", "baseline-at-ceiling"]
+    assert table.loc["cellflow", "flags"].split(";") == ["too-few-seeds", "ci-clipped"]
+    assert table.loc["cellflow", ["ci95_low", "ci95_high"]].astype(float).between(0, 1).all()
+    axis = drawn["figure"].axes[0]
+    assert "n test = 24, seeds = 2" in axis.get_title()
+    low, high = axis.get_ylim()
+    assert low >= 0 and high <= 1.02
+    assert any("ceiling" in text.get_text() for text in axis.texts)
+    assert "⚠ too-few-seeds" in (tmp_path / "t.md").read_text()
+    plt.close("all")
+
+
+def test_clean_classification_rows_have_no_flags(tmp_path: Path) -> None:
+    figures.classification_benchmark(benchmark_table(), tmp_path / "f", tmp_path / "t")
+    table = pd.read_csv(tmp_path / "t.tsv", sep="\t", keep_default_na=False)
+    assert set(table.loc[table["n_seeds"] == 3, "flags"]) == {""}
+
+
+def test_fidelity_far_above_the_floor_is_flagged_in_table_and_figure(tmp_path: Path) -> None:
+    table = fidelity_table(inception=False)
+    noisy = (table["dataset"] == "colon") & (table["method"] == "adm")
+    table.loc[noisy, "fid_domain"] = 500.0  # 500x the colon floor of 1.0
+    table["flags"] = np.where(noisy, "noise", "")
+    figures.fidelity_benchmark(table, tmp_path / "f", tmp_path / "t")
+    out = pd.read_csv(tmp_path / "t.tsv", sep="\t", keep_default_na=False)
+    flagged = out[(out["dataset"] == "colon") & (out["method"] == "adm")
+                  & (out["class"] == "all")]["flags"].item()
+    assert flagged == "noise;fid-domain-far-above-floor"
+    assert set(out.loc[out["method"] == "real", "flags"]) == {""}
+    assert "fid-domain-far-above-floor" in (tmp_path / "t.md").read_text()
+
+
+def test_trajectory_table_carries_landing_and_noise_frame_flags(tmp_path: Path) -> None:
+    summaries, coherence = trajectory_tables()
+    summaries["flags"] = np.where(summaries["dataset"] == "lung", "landing-count-undefined", "")
+    fidelity = pd.DataFrame({"dataset": ["colon", "lung"], "method": "cellflow",
+                             "class": "all", "flags": ["noise", ""]})
+    figures.trajectory_benchmark(summaries, coherence, tmp_path / "f", tmp_path / "t", fidelity)
+    table = pd.read_csv(tmp_path / "t.tsv", sep="\t", keep_default_na=False).set_index(
+        ["dataset", "transition"])
+    assert table.loc[("lung", "A→B"), "flags"] == "landing-count-undefined"
+    assert table.loc[("colon", "A→B"), "flags"] == "frames-noise"
+
+
+# --- side by side -----------------------------------------------------------------------------
+
+def side_by_side_inputs(root: Path) -> tuple[pd.DataFrame, list[figures.GeneratedSet]]:
+    data = pd.DataFrame([{"id": f"{name}{index}", "path": f"images/{name}{index}.png",
+                          "label_name": name, "split": "train"}
+                         for name in ("A", "B") for index in range(3)])
+    for row in data.itertuples():
+        write_rgb(root / "data" / row.path, 30 + row.Index * 20)
+    common = {"stair": 0, "frame_index": 1, "soft_label_weight": 1.0}
+    cellflow = pd.DataFrame([{**common, "source_id": "A0", "source_class": "A",
+                              "target_class": "B", "frame_index": frame, "stair": 2 * frame,
+                              "soft_label_weight": frame / 3, "path": f"f{frame}.png"}
+                             for frame in (1, 2, 3)])
+    adm = pd.DataFrame([{**common, "source_id": f"adm_{name}_{index}", "source_class": name,
+                         "target_class": name, "path": f"{name}{index}.png"}
+                        for name in ("A", "B") for index in range(2)])
+    for folder, table in (("cellflow", cellflow), ("adm", adm)):
+        for path in table["path"]:
+            write_rgb(root / folder / path, 128)
+    return data, [figures.GeneratedSet("cellflow", cellflow, root / "cellflow"),
+                  figures.GeneratedSet("adm", adm, root / "adm", "noise")]
+
+
+def test_side_by_side_shows_every_method_per_class_and_their_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, generated = side_by_side_inputs(tmp_path)
+    drawn = {}
+    monkeypatch.setattr(figures, "save_figure",
+                        lambda figure, stem: drawn.setdefault("figure", figure) and [])
+    figures.side_by_side(data, tmp_path / "data", generated, ["A", "B"], tmp_path / "s",
+                         "colon", per_method=2)
+    figure = drawn["figure"]
+    images = [axis for axis in figure.axes if axis.images]
+    # per class: 2 real + 2 adm; class B also the source and 3 frames of the trajectory into
+    # it; class A a blank tile where Cellflow has nothing
+    assert len(images) == 2 * (2 + 2) + 4 + 1
+    titles = [axis.get_title() for axis in images]
+    assert "τ=2 w=0.33" in titles and "source (A)" in titles
+    headers = [text.get_text() for axis in figure.axes for text in axis.texts]
+    assert "adm\n⚠ noise" in headers and "cellflow" in headers
+    # class A has no trajectory into it: the cell says so instead of staying blank
+    assert any("none\ngenerated" in text for text in headers)
+    plt.close("all")
+
+
+def test_side_by_side_writes_files(tmp_path: Path) -> None:
+    data, generated = side_by_side_inputs(tmp_path)
+    stem = tmp_path / "out" / "side_by_side"
+    assert_figure(figures.side_by_side(data, tmp_path / "data", generated, ["A", "B"], stem,
+                                       "colon"), stem)
+
+
+def test_sample_grid_is_labelled_per_class_and_large_enough_to_judge(tmp_path: Path) -> None:
+    import torch
+
+    samples = torch.rand(6, 3, 32, 32) * 2 - 1
+    figures.save_sample_grid(samples, ["normal", "tumour"], tmp_path / "samples.png",
+                             "after 3 training steps")
+    with Image.open(tmp_path / "samples.png") as image:
+        assert image.width >= 3 * 96 and image.height >= 2 * 96  # not 32 px tiles

@@ -161,7 +161,8 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     summary = pd.read_csv(workdir / "results" / "synthetic" / "downstream" / "summary.tsv",
                           sep="\t")
     assert set(summary["strategy"]) == {"none", "cellflow"}
-    benchmark = pd.read_csv(workdir / "results" / "benchmark.tsv", sep="\t")
+    benchmark = pd.read_csv(workdir / "results" / "benchmarks" / "tiny" / "benchmark.tsv",
+                            sep="\t")
     assert len(benchmark) == len(summary)
     checkpoints = workdir / "results" / "synthetic" / "checkpoints" / "diffusion"
     assert sorted(p.name for p in checkpoints.glob("*/step-*")) == ["step-0000002", "step-0000003"]
@@ -240,28 +241,50 @@ def test_demo_evaluation_tables(demo_run):
     assert validation["images"] == 24
 
 
-FIGURES = ["classification", "fidelity", "trajectories", "runtimes",
-           "synthetic/training_curves", "synthetic/trajectory_strips",
-           "synthetic/cellularity_curves", "synthetic/fourier_stairs",
-           "synthetic/cellularity_validation"]
+SUMMARY_FIGURES = ["classification", "fidelity", "trajectories", "runtimes"]
+DATASET_FIGURES = ["training_curves", "trajectory_strips", "cellularity_curves",
+                   "fourier_stairs", "cellularity_validation", "side_by_side", "memorization",
+                   "per_class", "closest_pairs/cellflow", "closest_pairs/ddib",
+                   "closest_pairs/adm"]
 
 
 @pytest.mark.slow
 def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_run, tmp_path):
     workdir, config = demo_run
-    for name in FIGURES:
+    benchmark = workdir / "results" / "benchmarks" / "tiny"
+    figures = workdir / "results" / "synthetic" / "figures"
+    for path in ([benchmark / "figures" / name for name in SUMMARY_FIGURES]
+                 + [figures / name for name in DATASET_FIGURES]):
         for suffix in (".png", ".pdf"):
-            assert (workdir / "results" / "figures" / f"{name}{suffix}").is_file(), name
-    for table in ("classification", "fidelity", "trajectories", "runtimes"):
+            assert path.with_suffix(suffix).is_file(), path
+    for table in SUMMARY_FIGURES:
         for suffix in (".tsv", ".md"):
-            assert (workdir / "results" / "figures" / "tables" / f"{table}{suffix}").is_file()
+            assert (benchmark / "tables" / f"{table}{suffix}").is_file()
+    for table in ("memorization", "per_class"):
+        assert (figures / "tables" / f"{table}.md").is_file()
     # a results tree moved elsewhere (no .snakemake metadata), its figures deleted
     shutil.copytree(workdir / "results", tmp_path / "results")
-    shutil.rmtree(tmp_path / "results" / "figures")
+    shutil.rmtree(tmp_path / "results" / "benchmarks" / "tiny" / "figures")
+    shutil.rmtree(tmp_path / "results" / "synthetic" / "figures")
     redraw = snakemake(tmp_path, "figures", "--cores", "2", "--configfile", str(config))
     ran = job_counts(redraw.stdout + redraw.stderr)
-    assert ran and all(rule.startswith("figure") for rule in ran), ran  # figure_* + figures
-    assert (tmp_path / "results" / "figures" / "synthetic" / "fourier_stairs.pdf").is_file()
+    assert ran and all(rule.startswith("figure") or rule == "front_page"
+                       for rule in ran), ran  # figure_* + figures
+    assert (tmp_path / "results" / "synthetic" / "figures" / "fourier_stairs.pdf").is_file()
+
+
+@pytest.mark.slow
+def test_the_memorization_check_covers_every_generative_method(demo_run):
+    workdir, _ = demo_run
+    evaluation = workdir / "results" / "synthetic" / "evaluation" / "memorization"
+    for method in ("cellflow", "ddib", "adm"):
+        neighbours = pd.read_csv(evaluation / method / "neighbours.tsv", sep="\t")
+        assert neighbours["distance_pixel"].ge(0).all()
+        assert {"ratio_pixel", "ratio_domain", "nearest_id_pixel"} <= set(neighbours.columns)
+    summary = pd.read_csv(workdir / "results" / "synthetic" / "figures" / "tables"
+                          / "memorization.tsv", sep="\t", keep_default_na=False)
+    assert set(summary["method"]) == {"real", "cellflow", "ddib", "adm"}
+    assert "flags" in summary.columns
 
 
 def rewrite_table(path: Path, column: str) -> None:
@@ -276,11 +299,11 @@ def test_a_changed_table_reruns_only_the_figures_that_read_it(demo_run):
     workdir, config = demo_run
     rewrite_table(workdir / "results" / "synthetic" / "evaluation" / "coherence.tsv", "ssim")
     plan = snakemake(workdir, "-n", "--configfile", str(config))
-    assert set(job_counts(plan.stdout)) == {"figure_trajectories", "all"}
-    rewrite_table(workdir / "results" / "benchmark.tsv", "mean")
+    assert set(job_counts(plan.stdout)) == {"figure_trajectories", "front_page", "all"}
+    rewrite_table(workdir / "results" / "benchmarks" / "tiny" / "benchmark.tsv", "mean")
     plan = snakemake(workdir, "figures", "-n", "--configfile", str(config))
     assert set(job_counts(plan.stdout)) == {"figure_trajectories", "figure_classification",
-                                            "figures"}
+                                            "front_page", "figures"}
 
 
 @pytest.mark.slow
@@ -290,6 +313,34 @@ def test_the_report_command_builds_a_browsable_report(demo_run):
     snakemake(workdir, "--configfile", str(config), "--report", str(report))
     html = report.read_text()
     assert "cellularity_curves.png" in html and "classification.png" in html
+    assert "side_by_side.png" in html and "memorization.png" in html
+    # the landing page is the front page: the benchmark's tables and its flags
+    assert "cellflow-front" in html and "Flagged results" in html
+
+
+@pytest.mark.slow
+def test_the_report_of_another_config_names_the_configfile_to_pass(demo_run):
+    workdir, config = demo_run
+    demo = REPO / "config" / "config.yaml"
+    result = snakemake(workdir, "--report", str(workdir / "wrong.html"), "--configfile",
+                       str(demo), check=False)
+    assert result.returncode != 0
+    log = result.stdout + result.stderr
+    assert "no results of benchmark 'demo'" in log
+    assert f"'tiny' (--configfile {config})" in log
+
+
+@pytest.mark.slow
+def test_two_configs_keep_their_cross_dataset_outputs_apart(demo_run, tmp_path):
+    workdir, config = demo_run
+    tiny = workdir / "results" / "benchmarks" / "tiny"
+    before = {path: path.read_bytes() for path in tiny.rglob("*") if path.is_file()}
+    other = tmp_path / "other.yaml"
+    other.write_text(config.read_text() + "benchmark: other\n")
+    snakemake(workdir, "--cores", "2", "--configfile", str(other))
+    assert (workdir / "results" / "benchmarks" / "other" / "front_page.html").is_file()
+    after = {path: path.read_bytes() for path in tiny.rglob("*") if path.is_file()}
+    assert after == before
 
 
 def test_readme_rule_graph_shows_every_rule(tmp_path):

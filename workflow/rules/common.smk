@@ -4,11 +4,19 @@ import hashlib
 import json
 import os
 import re
+import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
-from cellflow.config import dataset_configs, feature_network_run, validate_config
+from cellflow.config import (
+    dataset_configs,
+    default_benchmark_name,
+    feature_network_run,
+    validate_config,
+)
+from cellflow.report import missing_front_page_message
 
 # Jobs import this checkout's package whatever environment runs them (venv, --sdm conda, a
 # cluster node), so code and workflow never come from two different versions.
@@ -18,13 +26,19 @@ os.environ.update(
     )
 )
 
-_config_sources = [str(path) for path in workflow.configfiles]
-if workflow.config_settings.overwrite_config:
-    _config_sources.append("--config")
+CONFIG_FILES = [str(path) for path in workflow.configfiles]
+# Only settings given with --config count as a source of their own (overwrite_config also
+# holds the config files' contents).
+_config_sources = CONFIG_FILES + (["--config"] if workflow.config_settings.config else [])
 config.update(validate_config(config, source=" + ".join(_config_sources)))
+config.setdefault("benchmark", default_benchmark_name(workflow.configfiles))
 
 
 validate(config, schema="../schemas/config.schema.yaml")
+
+# This config's cross-dataset outputs (benchmark table, summary figures, report front page):
+# keyed by its name, so a second config run in the same folder leaves them alone.
+BENCHMARK_DIR = f"results/benchmarks/{config['benchmark']}"
 
 
 DATASETS = dataset_configs(config)
@@ -56,6 +70,7 @@ wildcard_constraints:
     strategy=choice(DOWNSTREAM["strategies"]),
     seed=r"\d+",
     image_set=choice(IMAGE_SETS),
+    method=choice(GENERATIVE_STRATEGIES),
 
 
 # Settings that only size a job (a cluster time limit, a device count). They stay out of every
@@ -110,7 +125,12 @@ def prepare_inputs(wildcards):
             "images": f"results/{wildcards.dataset}/raw/images",
             "ground_truth": f"results/{wildcards.dataset}/raw/ground_truth.tsv",
         }
-    return {"root": str(dataset.root)} if dataset.root.is_dir() else {}
+    inputs = {"root": str(dataset.root)} if dataset.root.is_dir() else {}
+    group = dataset.split.group
+    if group is not None and group.sheet is not None:
+        # A changed sample sheet regroups the split: the data stage reruns.
+        inputs["group_sheet"] = str(group.sheet)
+    return inputs
 
 
 def raw_listing(wildcards):
@@ -138,6 +158,7 @@ def data_outputs(dataset):
     return [
         f"results/{dataset}/data/manifest.tsv",
         f"results/{dataset}/data/class_counts.tsv",
+        f"results/{dataset}/data/group_counts.tsv",
     ]
 
 
@@ -308,7 +329,7 @@ def final_outputs():
         + model_outputs(name)
         + generation_outputs(name)
         + evaluation_outputs(name)
-    ] + ["results/benchmark.tsv", *figure_outputs()]
+    ] + [f"{BENCHMARK_DIR}/benchmark.tsv", *figure_outputs(), FRONT_PAGE]
 
 
 def training_spec(model):
@@ -355,20 +376,54 @@ def trajectory_datasets():
 
 
 def dataset_figure_outputs(dataset):
-    names = ["training_curves"]
+    names = ["training_curves", "side_by_side", "memorization", "per_class"]
     if DATASETS[dataset].transitions:
         names += ["trajectory_strips", "cellularity_curves", "fourier_stairs"]
     if dataset in SYNTHETIC_DATASETS:
         names.append("cellularity_validation")
-    return [f"results/figures/{dataset}/{name}.png" for name in names]
+    return [f"results/{dataset}/figures/{name}.png" for name in names] + [
+        f"results/{dataset}/figures/closest_pairs/{method}.png"
+        for method in generative_methods(dataset)
+    ]
+
+
+def summary_names():
+    """The cross-dataset figures, each with a table of the same name, in report order."""
+    names = ["classification", "fidelity"]
+    if trajectory_datasets():
+        names.append("trajectories")
+    return names + ["runtimes"]
+
+
+def summary_figure_outputs():
+    return [f"{BENCHMARK_DIR}/figures/{name}.png" for name in summary_names()]
 
 
 def figure_outputs():
-    summaries = ["classification", "fidelity", "runtimes"]
-    if trajectory_datasets():
-        summaries.append("trajectories")
-    return [f"results/figures/{name}.png" for name in summaries] + [
+    return summary_figure_outputs() + [
         path for dataset in DATASETS for path in dataset_figure_outputs(dataset)
+    ]
+
+
+FRONT_PAGE = f"{BENCHMARK_DIR}/front_page.html"
+
+# The report opens on this config's front page (workflow/report/workflow.rst includes it).
+# Asked with another --configfile than the run's, say which one would work, instead of
+# failing on the first output of the wrong config.
+if "--report" in sys.argv and not os.path.exists(FRONT_PAGE):
+    raise WorkflowError(missing_front_page_message(config["benchmark"], "results"))
+
+
+def summary_tables():
+    """The cross-dataset tables the report's front page shows."""
+    return [f"{BENCHMARK_DIR}/tables/{name}.tsv" for name in summary_names()]
+
+
+def fidelity_tables(wildcards):
+    return [
+        f"results/{dataset}/evaluation/fidelity/{image_set}.tsv"
+        for dataset in DATASETS
+        for image_set in image_sets(dataset)
     ]
 
 
@@ -404,5 +459,10 @@ def job_benchmarks(wildcards):
             [rules.measure_cellularity.benchmark, rules.fidelity.benchmark],
             dataset=dataset,
             image_set=image_sets(dataset),
+        )
+        files += expand(
+            rules.memorization.benchmark,
+            dataset=dataset,
+            method=generative_methods(dataset),
         )
     return files

@@ -36,6 +36,12 @@ rule prepare_data:
             category="Data",
             labels={"dataset": "{dataset}", "table": "class counts"},
         ),
+        group_counts=report(
+            "results/{dataset}/data/group_counts.tsv",
+            caption="../report/group_counts.rst",
+            category="Data",
+            labels={"dataset": "{dataset}", "table": "group counts"},
+        ),
         excluded="results/{dataset}/data/excluded.tsv",
         images=directory("results/{dataset}/data/images"),
         contact_sheets=report(

@@ -41,6 +41,8 @@ rule summarize_downstream:
             labels={"dataset": "{dataset}", "table": "summary"},
         ),
         runs="results/{dataset}/downstream/runs.tsv",
+        per_class="results/{dataset}/downstream/per_class.tsv",
+        confusion="results/{dataset}/downstream/confusion.tsv",
     log:
         "logs/{dataset}/summarize_downstream.log",
     benchmark:
@@ -61,15 +63,15 @@ rule benchmark_table:
         expand("results/{dataset}/downstream/summary.tsv", dataset=DATASETS),
     output:
         report(
-            "results/benchmark.tsv",
+            f"{BENCHMARK_DIR}/benchmark.tsv",
             caption="../report/benchmark.rst",
             category="Downstream",
             labels={"table": "benchmark"},
         ),
     log:
-        "logs/benchmark_table.log",
+        f"logs/benchmarks/{config['benchmark']}/benchmark_table.log",
     benchmark:
-        "results/benchmarks/benchmark_table.tsv"
+        f"{BENCHMARK_DIR}/jobs/benchmark_table.tsv"
     conda:
         "../../environment.yaml"
     threads: 1

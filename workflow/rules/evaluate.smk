@@ -1,5 +1,6 @@
 # Evaluation stage, per dataset: cellularity of real and generated images (and its validation
-# on synthetic ground truth), FID/KID per method, trajectory analysis and temporal coherence.
+# on synthetic ground truth), FID/KID per method, trajectory analysis, temporal coherence and
+# the memorization check (each generated image's nearest real training image).
 
 
 rule measure_cellularity:
@@ -131,3 +132,31 @@ rule temporal_coherence:
         "python -m cellflow.cli evaluate coherence --spec {params.spec:q}"
         " --manifest {input.manifest} --generated {input.trajectories}"
         " --features {input.features} --out {output} --threads {threads} --log {log}"
+
+
+rule memorization:
+    input:
+        manifest="results/{dataset}/data/manifest.tsv",
+        generated="results/{dataset}/trajectories/{method}",
+        features=feature_network_weights,
+    output:
+        neighbours="results/{dataset}/evaluation/memorization/{method}/neighbours.tsv",
+        reference="results/{dataset}/evaluation/memorization/{method}/reference.tsv",
+    log:
+        "logs/{dataset}/memorization-{method}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/memorization/{method}.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 4
+    resources:
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        gpu=config["evaluation"]["gpus"],
+    params:
+        spec=evaluation_spec,
+        folder=lambda wildcards, output: os.path.dirname(output.neighbours),
+    shell:
+        "python -m cellflow.cli evaluate memorization --spec {params.spec:q}"
+        " --manifest {input.manifest} --generated {input.generated}"
+        " --features {input.features} --out {params.folder} --threads {threads} --log {log}"

@@ -1,30 +1,32 @@
-# Figures stage: every benchmark figure (PNG + PDF) and table (TSV + Markdown) in
-# results/figures/, drawn from results/ alone: `snakemake figures` redraws them without
-# retraining, and a changed table redraws only the figures that read it.
+# Figures stage: every figure (PNG + PDF) and table (TSV + Markdown), drawn from results/
+# alone: `snakemake figures` redraws them without retraining, and a changed table redraws only
+# the figures that read it. Cross-dataset ones go to results/benchmarks/{benchmark}/, one
+# dataset's to results/{dataset}/figures/.
 
 
 rule figure_classification:
     input:
-        "results/benchmark.tsv",
+        benchmark=f"{BENCHMARK_DIR}/benchmark.tsv",
+        runs=expand("results/{dataset}/downstream/runs.tsv", dataset=DATASETS),
     output:
         png=report(
-            "results/figures/classification.png",
+            f"{BENCHMARK_DIR}/figures/classification.png",
             caption="../report/figure_classification.rst",
             category="Benchmark",
             labels={"figure": "classification"},
         ),
-        pdf="results/figures/classification.pdf",
+        pdf=f"{BENCHMARK_DIR}/figures/classification.pdf",
         tsv=report(
-            "results/figures/tables/classification.tsv",
+            f"{BENCHMARK_DIR}/tables/classification.tsv",
             caption="../report/figure_classification.rst",
             category="Benchmark",
             labels={"figure": "classification table"},
         ),
-        md="results/figures/tables/classification.md",
+        md=f"{BENCHMARK_DIR}/tables/classification.md",
     log:
-        "logs/figures/classification.log",
+        f"logs/benchmarks/{config['benchmark']}/classification.log",
     benchmark:
-        "results/benchmarks/figures/classification.tsv"
+        f"{BENCHMARK_DIR}/jobs/figures/classification.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -36,36 +38,33 @@ rule figure_classification:
         table=stem("tsv"),
         metric=config["figures"]["metric"],
     shell:
-        "python -m cellflow.cli figures classification --inputs {input} --metric {params.metric}"
+        "python -m cellflow.cli figures classification --inputs {input.benchmark}"
+        " --runs {input.runs} --metric {params.metric}"
         " --out {params.out} --table {params.table} --log {log}"
 
 
 rule figure_fidelity:
     input:
-        lambda wildcards: [
-            f"results/{dataset}/evaluation/fidelity/{image_set}.tsv"
-            for dataset in DATASETS
-            for image_set in image_sets(dataset)
-        ],
+        fidelity_tables,
     output:
         png=report(
-            "results/figures/fidelity.png",
+            f"{BENCHMARK_DIR}/figures/fidelity.png",
             caption="../report/figure_fidelity.rst",
             category="Benchmark",
             labels={"figure": "fidelity"},
         ),
-        pdf="results/figures/fidelity.pdf",
+        pdf=f"{BENCHMARK_DIR}/figures/fidelity.pdf",
         tsv=report(
-            "results/figures/tables/fidelity.tsv",
+            f"{BENCHMARK_DIR}/tables/fidelity.tsv",
             caption="../report/figure_fidelity.rst",
             category="Benchmark",
             labels={"figure": "fidelity table"},
         ),
-        md="results/figures/tables/fidelity.md",
+        md=f"{BENCHMARK_DIR}/tables/fidelity.md",
     log:
-        "logs/figures/fidelity.log",
+        f"logs/benchmarks/{config['benchmark']}/fidelity.log",
     benchmark:
-        "results/benchmarks/figures/fidelity.tsv"
+        f"{BENCHMARK_DIR}/jobs/figures/fidelity.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -89,25 +88,26 @@ rule figure_trajectories:
         coherence=lambda wildcards: expand(
             "results/{dataset}/evaluation/coherence.tsv", dataset=trajectory_datasets()
         ),
+        fidelity=fidelity_tables,
     output:
         png=report(
-            "results/figures/trajectories.png",
+            f"{BENCHMARK_DIR}/figures/trajectories.png",
             caption="../report/figure_trajectories.rst",
             category="Benchmark",
             labels={"figure": "trajectories"},
         ),
-        pdf="results/figures/trajectories.pdf",
+        pdf=f"{BENCHMARK_DIR}/figures/trajectories.pdf",
         tsv=report(
-            "results/figures/tables/trajectories.tsv",
+            f"{BENCHMARK_DIR}/tables/trajectories.tsv",
             caption="../report/figure_trajectories.rst",
             category="Benchmark",
             labels={"figure": "trajectories table"},
         ),
-        md="results/figures/tables/trajectories.md",
+        md=f"{BENCHMARK_DIR}/tables/trajectories.md",
     log:
-        "logs/figures/trajectories.log",
+        f"logs/benchmarks/{config['benchmark']}/trajectories.log",
     benchmark:
-        "results/benchmarks/figures/trajectories.tsv"
+        f"{BENCHMARK_DIR}/jobs/figures/trajectories.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -119,7 +119,8 @@ rule figure_trajectories:
         table=stem("tsv"),
     shell:
         "python -m cellflow.cli figures trajectories --inputs {input.summaries}"
-        " --coherence {input.coherence} --out {params.out} --table {params.table} --log {log}"
+        " --coherence {input.coherence} --fidelity {input.fidelity}"
+        " --out {params.out} --table {params.table} --log {log}"
 
 
 rule figure_runtimes:
@@ -127,18 +128,18 @@ rule figure_runtimes:
         job_benchmarks,
     output:
         png=report(
-            "results/figures/runtimes.png",
+            f"{BENCHMARK_DIR}/figures/runtimes.png",
             caption="../report/figure_runtimes.rst",
             category="Benchmark",
             labels={"figure": "runtimes"},
         ),
-        pdf="results/figures/runtimes.pdf",
-        tsv="results/figures/tables/runtimes.tsv",
-        md="results/figures/tables/runtimes.md",
+        pdf=f"{BENCHMARK_DIR}/figures/runtimes.pdf",
+        tsv=f"{BENCHMARK_DIR}/tables/runtimes.tsv",
+        md=f"{BENCHMARK_DIR}/tables/runtimes.md",
     log:
-        "logs/figures/runtimes.log",
+        f"logs/benchmarks/{config['benchmark']}/runtimes.log",
     benchmark:
-        "results/benchmarks/figures/runtimes.tsv"
+        f"{BENCHMARK_DIR}/jobs/figures/runtimes.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -163,16 +164,16 @@ rule figure_training_curves:
         ],
     output:
         png=report(
-            "results/figures/{dataset}/training_curves.png",
+            "results/{dataset}/figures/training_curves.png",
             caption="../report/figure_training_curves.rst",
             category="Figures per dataset",
             labels={"dataset": "{dataset}", "figure": "training curves"},
         ),
-        pdf="results/figures/{dataset}/training_curves.pdf",
+        pdf="results/{dataset}/figures/training_curves.pdf",
     log:
-        "logs/figures/{dataset}/training_curves.log",
+        "logs/{dataset}/figures/training_curves.log",
     benchmark:
-        "results/benchmarks/figures/{dataset}/training_curves.tsv"
+        "results/{dataset}/benchmarks/figures/training_curves.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -193,16 +194,16 @@ rule figure_trajectory_strips:
         trajectories="results/{dataset}/trajectories/cellflow",
     output:
         png=report(
-            "results/figures/{dataset}/trajectory_strips.png",
+            "results/{dataset}/figures/trajectory_strips.png",
             caption="../report/figure_trajectory_strips.rst",
             category="Figures per dataset",
             labels={"dataset": "{dataset}", "figure": "trajectory strips"},
         ),
-        pdf="results/figures/{dataset}/trajectory_strips.pdf",
+        pdf="results/{dataset}/figures/trajectory_strips.pdf",
     log:
-        "logs/figures/{dataset}/trajectory_strips.log",
+        "logs/{dataset}/figures/trajectory_strips.log",
     benchmark:
-        "results/benchmarks/figures/{dataset}/trajectory_strips.tsv"
+        "results/{dataset}/benchmarks/figures/trajectory_strips.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -224,7 +225,7 @@ rule figure_cellularity_curves:
         real="results/{dataset}/evaluation/cellularity/real.tsv",
     output:
         png=report(
-            "results/figures/{dataset}/cellularity_curves.png",
+            "results/{dataset}/figures/cellularity_curves.png",
             caption="../report/figure_cellularity_curves.rst",
             category="Figures per dataset",
             labels={
@@ -232,11 +233,11 @@ rule figure_cellularity_curves:
                 "figure": "cellularity along trajectories",
             },
         ),
-        pdf="results/figures/{dataset}/cellularity_curves.pdf",
+        pdf="results/{dataset}/figures/cellularity_curves.pdf",
     log:
-        "logs/figures/{dataset}/cellularity_curves.log",
+        "logs/{dataset}/figures/cellularity_curves.log",
     benchmark:
-        "results/benchmarks/figures/{dataset}/cellularity_curves.tsv"
+        "results/{dataset}/benchmarks/figures/cellularity_curves.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -255,16 +256,16 @@ rule figure_fourier_stairs:
         trajectories="results/{dataset}/trajectories/cellflow",
     output:
         png=report(
-            "results/figures/{dataset}/fourier_stairs.png",
+            "results/{dataset}/figures/fourier_stairs.png",
             caption="../report/figure_fourier_stairs.rst",
             category="Figures per dataset",
             labels={"dataset": "{dataset}", "figure": "Fourier measure and stairs"},
         ),
-        pdf="results/figures/{dataset}/fourier_stairs.pdf",
+        pdf="results/{dataset}/figures/fourier_stairs.pdf",
     log:
-        "logs/figures/{dataset}/fourier_stairs.log",
+        "logs/{dataset}/figures/fourier_stairs.log",
     benchmark:
-        "results/benchmarks/figures/{dataset}/fourier_stairs.tsv"
+        "results/{dataset}/benchmarks/figures/fourier_stairs.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -286,16 +287,16 @@ rule figure_cellularity_validation:
         summary="results/{dataset}/evaluation/cellularity_validation.json",
     output:
         png=report(
-            "results/figures/{dataset}/cellularity_validation.png",
+            "results/{dataset}/figures/cellularity_validation.png",
             caption="../report/figure_cellularity_validation.rst",
             category="Figures per dataset",
             labels={"dataset": "{dataset}", "figure": "cellularity validation"},
         ),
-        pdf="results/figures/{dataset}/cellularity_validation.pdf",
+        pdf="results/{dataset}/figures/cellularity_validation.pdf",
     log:
-        "logs/figures/{dataset}/cellularity_validation.log",
+        "logs/{dataset}/figures/cellularity_validation.log",
     benchmark:
-        "results/benchmarks/figures/{dataset}/cellularity_validation.tsv"
+        "results/{dataset}/benchmarks/figures/cellularity_validation.tsv"
     conda:
         "../../environment.yaml"
     threads: 1
@@ -309,6 +310,193 @@ rule figure_cellularity_validation:
         " --title {wildcards.dataset:q} --out {params.out} --log {log}"
 
 
+rule figure_side_by_side:
+    input:
+        manifest="results/{dataset}/data/manifest.tsv",
+        generated=lambda wildcards: generation_outputs(wildcards.dataset),
+        fidelity=lambda wildcards: expand(
+            "results/{{dataset}}/evaluation/fidelity/{method}.tsv",
+            method=generative_methods(wildcards.dataset),
+        ),
+    output:
+        png=report(
+            "results/{dataset}/figures/side_by_side.png",
+            caption="../report/side_by_side.rst",
+            category="Figures per dataset",
+            labels={"dataset": "{dataset}", "figure": "images side by side"},
+        ),
+        pdf="results/{dataset}/figures/side_by_side.pdf",
+    log:
+        "logs/{dataset}/figures/side_by_side.log",
+    benchmark:
+        "results/{dataset}/benchmarks/figures/side_by_side.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(2000),
+        runtime=attempt_scaled(10),
+    params:
+        out=stem("png"),
+        per_method=config["figures"]["images_per_method"],
+        classes=lambda wildcards: ",".join(DATASETS[wildcards.dataset].classes),
+    shell:
+        "python -m cellflow.cli figures side-by-side --manifest {input.manifest}"
+        " --inputs {input.generated} --fidelity {input.fidelity} --classes {params.classes}"
+        " --per-method {params.per_method} --title {wildcards.dataset:q}"
+        " --out {params.out} --log {log}"
+
+
+rule figure_per_class:
+    input:
+        per_class="results/{dataset}/downstream/per_class.tsv",
+        confusion="results/{dataset}/downstream/confusion.tsv",
+    output:
+        png=report(
+            "results/{dataset}/figures/per_class.png",
+            caption="../report/per_class.rst",
+            category="Figures per dataset",
+            labels={"dataset": "{dataset}", "figure": "per-class metrics"},
+        ),
+        pdf="results/{dataset}/figures/per_class.pdf",
+        tsv=report(
+            "results/{dataset}/figures/tables/per_class.tsv",
+            caption="../report/per_class.rst",
+            category="Figures per dataset",
+            labels={"dataset": "{dataset}", "figure": "per-class metrics table"},
+        ),
+        md="results/{dataset}/figures/tables/per_class.md",
+    log:
+        "logs/{dataset}/figures/per_class.log",
+    benchmark:
+        "results/{dataset}/benchmarks/figures/per_class.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(2000),
+        runtime=attempt_scaled(10),
+    params:
+        out=stem("png"),
+        table=stem("tsv"),
+    shell:
+        "python -m cellflow.cli figures per-class --inputs {input.per_class}"
+        " --confusion {input.confusion} --title {wildcards.dataset:q}"
+        " --out {params.out} --table {params.table} --log {log}"
+
+
+rule figure_memorization:
+    input:
+        lambda wildcards: expand(
+            "results/{{dataset}}/evaluation/memorization/{method}/neighbours.tsv",
+            method=generative_methods(wildcards.dataset),
+        ),
+    output:
+        png=report(
+            "results/{dataset}/figures/memorization.png",
+            caption="../report/memorization.rst",
+            category="Figures per dataset",
+            labels={"dataset": "{dataset}", "figure": "memorization"},
+        ),
+        pdf="results/{dataset}/figures/memorization.pdf",
+        tsv=report(
+            "results/{dataset}/figures/tables/memorization.tsv",
+            caption="../report/memorization.rst",
+            category="Figures per dataset",
+            labels={"dataset": "{dataset}", "figure": "memorization table"},
+        ),
+        md="results/{dataset}/figures/tables/memorization.md",
+    log:
+        "logs/{dataset}/figures/memorization.log",
+    benchmark:
+        "results/{dataset}/benchmarks/figures/memorization.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(2000),
+        runtime=attempt_scaled(10),
+    params:
+        out=stem("png"),
+        table=stem("tsv"),
+    shell:
+        "python -m cellflow.cli figures memorization --inputs {input}"
+        " --title {wildcards.dataset:q} --out {params.out} --table {params.table} --log {log}"
+
+
+rule figure_closest_pairs:
+    input:
+        memorization="results/{dataset}/evaluation/memorization/{method}/neighbours.tsv",
+        manifest="results/{dataset}/data/manifest.tsv",
+        generated="results/{dataset}/trajectories/{method}",
+    output:
+        png=report(
+            "results/{dataset}/figures/closest_pairs/{method}.png",
+            caption="../report/memorization.rst",
+            category="Figures per dataset",
+            labels={"dataset": "{dataset}", "figure": "closest pairs: {method}"},
+        ),
+        pdf="results/{dataset}/figures/closest_pairs/{method}.pdf",
+    log:
+        "logs/{dataset}/figures/closest_pairs-{method}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/figures/closest_pairs/{method}.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(2000),
+        runtime=attempt_scaled(10),
+    params:
+        out=stem("png"),
+    shell:
+        "python -m cellflow.cli figures closest-pairs --inputs {input.memorization}"
+        " --manifest {input.manifest} --generated {input.generated}"
+        " --title '{wildcards.dataset}: {wildcards.method}' --out {params.out} --log {log}"
+
+
+rule front_page:
+    input:
+        tables=summary_tables(),
+        figures=summary_figure_outputs(),
+        side_by_side=expand(
+            "results/{dataset}/figures/side_by_side.png", dataset=DATASETS
+        ),
+    output:
+        page=report(
+            FRONT_PAGE,
+            caption="../report/front_page.rst",
+            category="Benchmark",
+            labels={"figure": "front page"},
+        ),
+        flags=report(
+            f"{BENCHMARK_DIR}/flags.tsv",
+            caption="../report/front_page.rst",
+            category="Benchmark",
+            labels={"figure": "flags"},
+        ),
+        run=f"{BENCHMARK_DIR}/run.json",
+    log:
+        f"logs/benchmarks/{config['benchmark']}/front_page.log",
+    benchmark:
+        f"{BENCHMARK_DIR}/jobs/figures/front_page.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 1
+    resources:
+        mem_mb=attempt_scaled(2000),
+        runtime=attempt_scaled(10),
+    params:
+        benchmark=config["benchmark"],
+        config_files=",".join(CONFIG_FILES),
+    shell:
+        "python -m cellflow.cli figures front-page --inputs {input.tables}"
+        " --figures {input.figures} --side-by-side {input.side_by_side}"
+        " --title {params.benchmark:q} --configs {params.config_files:q}"
+        " --out {output.page} --table {output.flags} --log {log}"
+
+
 rule figures:
     input:
         figure_outputs(),
+        FRONT_PAGE,
