@@ -299,12 +299,16 @@ def figures(args: argparse.Namespace) -> int:
     elif args.kind == "front-page":
         from cellflow.report import front_page
 
-        dataset_figures = {}
-        for path in map(Path, args.side_by_side):
-            dataset_figures.setdefault(path.parts[-3], []).append(path)
+        def by_dataset(paths: list[str]) -> dict[str, list[Path]]:
+            grouped: dict[str, list[Path]] = {}
+            for path in map(Path, paths):  # results/{dataset}/figures/[tables/]<name>
+                grouped.setdefault(path.parts[path.parts.index("figures") - 1], []).append(path)
+            return grouped
+
         front_page(args.title, {Path(path).stem: Path(path) for path in args.inputs},
-                   {Path(path).stem: Path(path) for path in args.figures}, dataset_figures,
-                   args.configs.split(","), out, table)
+                   {Path(path).stem: Path(path) for path in args.figures},
+                   by_dataset(args.side_by_side), args.configs.split(","), out, table,
+                   by_dataset(args.dataset_tables))
     elif args.kind == "strips":
         data = read_table(args.manifest)
         images = Path(args.manifest).parent
@@ -419,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     draw.add_argument("--side-by-side", nargs="*", default=[],
                       help="front-page: each dataset's side-by-side PNG")
     draw.add_argument("--configs", default="", help="front-page: the run's config files")
+    draw.add_argument("--dataset-tables", nargs="*", default=[],
+                      help="front-page: each dataset's flagged tables (memorization)")
     draw.add_argument("--manifest", help="strips: prepared data manifest.tsv")
     draw.add_argument("--generated", help="strips, fourier: trajectories/cellflow folder")
     draw.add_argument("--frames", help="cellularity: evaluation/trajectories/frames.tsv")

@@ -117,6 +117,11 @@ def _spans_decades(values: Iterable[float], ratio: float = 100) -> bool:
     return len(positive) > 1 and positive.max() / positive.min() > ratio
 
 
+def _shorten(text: str, width: int = 18) -> str:
+    """A label that fits under a tile: long ids keep their distinctive end."""
+    return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
 def _note(axis: Axes, text: str) -> None:
     """Say in the panel why it is empty, rather than leave a blank a reader may misread."""
     axis.text(0.5, 0.5, text, ha="center", va="center", transform=axis.transAxes, fontsize=8,
@@ -1370,8 +1375,9 @@ def closest_pairs_figure(pairs: pd.DataFrame, generated_root: Path, real_root: P
         _picture(axes[0, column], _read_rgb(Path(generated_root) / row["path"]),
                  f"{row['method']} frame {row['frame_index']}")
         _picture(axes[1, column], _read_rgb(Path(real_root) / row[nearest_path]),
-                 f"{row[nearest_id]}\n{_distance_name(space)} {row[distance]:.3g}\n"
-                 f"ratio {row[ratio]:.2f}" + (" · own source" if row[own] else ""))
+                 f"{_shorten(str(row[nearest_id]))}\n{_distance_name(space)} "
+                 f"{row[distance]:.3g}\nratio {row[ratio]:.2f}"
+                 + ("\nown source" if row[own] else ""))
     axes[0, 0].set_ylabel("generated", fontsize=7)
     axes[1, 0].set_ylabel("nearest real\ntraining image", fontsize=7)
     figure.suptitle(f"{title}: the {len(closest)} generated images closest to a training "

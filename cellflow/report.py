@@ -26,7 +26,8 @@ _STYLE = """<style>
 .prose.max-w-lg { max-width: min(78rem, 96vw) !important; }
 /* The landing view centres its content vertically; a page taller than the screen would open
    scrolled into its middle. */
-.h-screen.items-center { align-items: flex-start !important; justify-content: flex-start !important; }
+.h-screen.items-center { align-items: flex-start !important;
+  justify-content: flex-start !important; }
 .cellflow-front table { border-collapse: collapse; font-size: 0.8rem; margin: 0.5rem 0 1rem; }
 .cellflow-front th, .cellflow-front td { border: 1px solid #ccc; padding: 0.2rem 0.4rem; }
 .cellflow-front th { background: #f2f2f2; }
@@ -95,17 +96,26 @@ def collect_flags(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["table", "dataset", "what", "flag"]).drop_duplicates()
 
 
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t", keep_default_na=False, na_values=[""])
+
+
 def front_page(benchmark: str, tables: Mapping[str, Path], figures: Mapping[str, Path],
                dataset_figures: Mapping[str, Sequence[Path]], config_files: Sequence[str],
-               out: Path, flags_out: Path) -> None:
+               out: Path, flags_out: Path,
+               dataset_tables: Mapping[str, Sequence[Path]] | None = None) -> None:
     """Write the front page (``out``), the run record beside it and every flag (``flags_out``).
 
     ``tables``: figure name -> its TSV (the Markdown beside it is what is shown);
-    ``figures``: figure name -> PNG; ``dataset_figures``: dataset -> PNGs shown under it.
+    ``figures``: figure name -> PNG; ``dataset_figures``: dataset -> PNGs shown under it;
+    ``dataset_tables``: dataset -> its own flagged tables (e.g. the memorization check), shown
+    under it and searched for flags.
     """
-    flagged = collect_flags({name: pd.read_csv(path, sep="\t", keep_default_na=False,
-                                               na_values=[""])
-                             for name, path in tables.items()})
+    dataset_tables = dataset_tables or {}
+    flagged = collect_flags({name: _read(path) for name, path in tables.items()}
+                            | {f"{Path(path).stem} ({dataset})": _read(path)
+                               for dataset, paths in dataset_tables.items()
+                               for path in paths})
     write_table(flags_out, flagged)
     parts = [_STYLE, '<div class="cellflow-front">',
              f"<h2>Benchmark <code>{html.escape(benchmark)}</code></h2>",
@@ -129,9 +139,13 @@ def front_page(benchmark: str, tables: Mapping[str, Path], figures: Mapping[str,
         markdown = Path(table).with_suffix(".md")
         if markdown.is_file():
             parts.append(markdown_to_html(markdown.read_text()))
-    for dataset, paths in dataset_figures.items():
+    for dataset in dict.fromkeys([*dataset_figures, *dataset_tables]):
         parts.append(f"<h3>{html.escape(dataset)}</h3>")
-        parts += [_image(path, f"{dataset}: {Path(path).stem}") for path in paths]
+        parts += [_image(path, f"{dataset}: {Path(path).stem}")
+                  for path in dataset_figures.get(dataset, [])]
+        parts += [markdown_to_html(Path(path).with_suffix(".md").read_text())
+                  for path in dataset_tables.get(dataset, [])
+                  if Path(path).with_suffix(".md").is_file()]
     parts.append("</div>")
     write_text(out, "\n".join(parts) + "\n")
     write_text(Path(out).with_name("run.json"),

@@ -73,3 +73,16 @@ def test_the_missing_page_message_names_each_finished_run(tmp_path: Path):
     assert "no results of benchmark 'demo'" in message
     assert "'proof' (--configfile config/proof.yaml)" in message
     assert "Finished runs" not in missing_front_page_message("demo", tmp_path / "empty")
+
+
+def test_a_dataset_table_adds_its_flags_and_is_shown_under_the_dataset(tmp_path: Path):
+    tables = {"runtimes": write_table(tmp_path / "tables", "runtimes", pd.DataFrame(
+        {"rule": ["x"]}))}
+    memorization = write_table(tmp_path / "colon", "memorization", pd.DataFrame(
+        {"dataset": ["colon"], "method": ["cellflow"], "flags": ["nearest-is-source"]}))
+    out = tmp_path / "front_page.html"
+    front_page("paper", tables, {}, {}, ["c.yaml"], out, tmp_path / "flags.tsv",
+               {"colon": [memorization]})
+    page = out.read_text()
+    assert "nearest-is-source" in page and "memorization caption" in page
+    assert page.index("<h3>colon</h3>") < page.index("memorization caption")

@@ -29,7 +29,9 @@ os.environ.update(
 CONFIG_FILES = [str(path) for path in workflow.configfiles]
 # Only settings given with --config count as a source of their own (overwrite_config also
 # holds the config files' contents).
-_config_sources = CONFIG_FILES + (["--config"] if workflow.config_settings.config else [])
+_config_sources = CONFIG_FILES + (
+    ["--config"] if workflow.config_settings.config else []
+)
 config.update(validate_config(config, source=" + ".join(_config_sources)))
 config.setdefault("benchmark", default_benchmark_name(workflow.configfiles))
 

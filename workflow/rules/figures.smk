@@ -462,6 +462,9 @@ rule front_page:
         side_by_side=expand(
             "results/{dataset}/figures/side_by_side.png", dataset=DATASETS
         ),
+        memorization=expand(
+            "results/{dataset}/figures/tables/memorization.tsv", dataset=DATASETS
+        ),
     output:
         page=report(
             FRONT_PAGE,
@@ -492,6 +495,7 @@ rule front_page:
     shell:
         "python -m cellflow.cli figures front-page --inputs {input.tables}"
         " --figures {input.figures} --side-by-side {input.side_by_side}"
+        " --dataset-tables {input.memorization}"
         " --title {params.benchmark:q} --configs {params.config_files:q}"
         " --out {output.page} --table {output.flags} --log {log}"
 
