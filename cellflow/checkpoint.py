@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -136,6 +139,38 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def newest_intact_checkpoint(directory: Path, fingerprint: Mapping[str, Any]
+                             ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that passes its checks, with its state.
+
+    Unfinished saves are removed; a checkpoint whose files fail their checksums or hold
+    non-finite weights is set aside as ``corrupt-step-*`` (kept for inspection) with a warning
+    naming it, so a corrupt newest checkpoint costs the work since the one before, not the run.
+    One written for another configuration is an error: resuming it would mix two runs.
+    """
+    for partial in remove_partial_checkpoints(directory):
+        log.warning("removed the unfinished checkpoint save %s", partial)
+    for checkpoint in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(checkpoint)
+            state = read_state(checkpoint)
+        except CheckpointError as err:
+            aside = checkpoint.with_name(f"corrupt-{checkpoint.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            checkpoint.rename(aside)
+            log.warning("skipping a corrupt checkpoint, moved to %s: %s", aside, err)
+            continue
+        saved = state.get("fingerprint")
+        if saved != dict(fingerprint):
+            changed = sorted(k for k in set(saved or {}) | set(fingerprint)
+                             if (saved or {}).get(k) != fingerprint.get(k))
+            raise CheckpointError(
+                f"{checkpoint / STATE_FILE}: written for another configuration (differs in: "
+                f"{', '.join(changed)}); remove {directory} to start afresh")
+        return checkpoint, state
+    return None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

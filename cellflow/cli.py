@@ -105,7 +105,7 @@ def downstream(args: argparse.Namespace) -> int:
             args.backbone, args.strategy, settings["strategies"][args.strategy],
             DownstreamTrainConfig.from_dict(settings["train"]), args.seed, Path(args.out),
             Path(args.generated) if args.generated else None,
-            settings["pretrained"].get(args.backbone))
+            settings["pretrained"].get(args.backbone), Path(args.work) if args.work else None)
     elif args.action == "summarize":
         out = Path(args.out)
         runs = read_runs(args.inputs, args.dataset)
@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--strategy", help="train: augmentation strategy name")
     down.add_argument("--seed", type=int, help="train: seed of the run")
     down.add_argument("--generated", help="train: folder of a generative method's images")
+    down.add_argument("--work", help="train: folder for the per-epoch checkpoint, so that a "
+                                     "rerun resumes (outside the outputs; removed at the end)")
     down.add_argument("--dataset", help="summarize: dataset name")
     down.add_argument("--inputs", nargs="*", default=[],
                       help="summarize: metrics.json files; benchmark: summary.tsv files")

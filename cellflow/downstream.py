@@ -10,12 +10,14 @@ images never reach validation or test.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import pandas as pd
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -37,6 +39,14 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 from tqdm import tqdm
 
 from cellflow.augment import basic_augment, build_batch_augmentation, resolve_params, strategy
+from cellflow.checkpoint import (
+    OPTIMIZER_FILE,
+    load_optimizer_state,
+    load_weights,
+    newest_intact_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from cellflow.data import load_images, load_split
 from cellflow.io import atomic_path, staged_directory, write_table, write_text
 from cellflow.training import step_generator, to_model_range
@@ -176,8 +186,15 @@ def train_downstream(
     out_dir: Path,
     generated_dir: Path | None = None,
     pretrained_file: str | None = None,
+    work_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Train, early-stop on validation, evaluate on test; write the run folder, return metrics."""
+    """Train, early-stop on validation, evaluate on test; write the run folder, return metrics.
+
+    With ``work_dir`` (outside the run's declared outputs, which Snakemake deletes when a job
+    fails) the run checkpoints after every epoch and a killed or timed-out run resumes from
+    its last finished epoch to the same weights an uninterrupted run reaches; the checkpoint
+    is removed once the run folder is written.
+    """
     chosen = strategy(strategy_name)
     params = resolve_params(strategy_name, strategy_params)
     num_classes = len(classes)
@@ -212,9 +229,36 @@ def train_downstream(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and config.mixed_precision != "no")
 
-    rows, best, best_state, stale = [], -1.0, None, 0
-    started = time.perf_counter()
-    for epoch in tqdm(range(config.epochs), desc=f"{backbone}/{strategy_name}/seed{seed}",
+    rows, best, best_state, stale, first_epoch, resumed_seconds = [], -1.0, None, 0, 0, 0.0
+    checkpoints = None
+    if work_dir is not None:
+        from cellflow.stages import checkpoint_folder, training_data_digest
+
+        fingerprint = {
+            "classes": list(classes), "resolution": resolution, "backbone": backbone,
+            "strategy": strategy_name, "strategy_params": params, "seed": seed,
+            "train": asdict(config), "pretrained": pretrained_file,
+            "training_data": training_data_digest(manifest),
+            "validation": len(val_images), "generated": _folder_digest(generated_dir)}
+        checkpoints = checkpoint_folder(Path(work_dir), fingerprint)
+        found = newest_intact_checkpoint(checkpoints, fingerprint)
+        if found is not None:
+            checkpoint, state = found
+            load_weights(model, checkpoint / "model.safetensors")
+            saved = load_optimizer_state(checkpoint / OPTIMIZER_FILE)
+            optimizer.load_state_dict(saved["optimizer"])
+            torch.set_rng_state(saved["rng"])
+            schedule.load_state_dict(state["lr_schedule"])
+            best_state = load_file(str(checkpoint / "best.safetensors"))
+            rows, best, stale = state["rows"], state["best"], state["stale"]
+            first_epoch, resumed_seconds = state["step"], state["seconds"]
+            log.info("resuming from %s (epoch %d of %d)", checkpoint, first_epoch,
+                     config.epochs)
+    started = time.perf_counter() - resumed_seconds
+    # A run killed after its early stop was saved has nothing left to train.
+    last_epoch = first_epoch if stale >= config.patience else config.epochs
+    for epoch in tqdm(range(first_epoch, last_epoch), initial=first_epoch,
+                      total=config.epochs, desc=f"{backbone}/{strategy_name}/seed{seed}",
                       unit="epoch"):
         model.train()
         generator = step_generator(seed, epoch, 0)
@@ -249,10 +293,20 @@ def train_downstream(
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= config.patience:
-                log.info("early stop after epoch %d (no better validation for %d epochs)",
-                         epoch + 1, config.patience)
-                break
+        if checkpoints is not None:
+            save_checkpoint(
+                checkpoints, epoch + 1,
+                weights={"model": model.state_dict(), "best": best_state},
+                optimizer_state={"optimizer": optimizer.state_dict(),
+                                 "rng": torch.get_rng_state()},
+                state={"fingerprint": fingerprint, "lr_schedule": schedule.state_dict(),
+                       "rows": rows, "best": best, "stale": stale,
+                       "seconds": time.perf_counter() - started})
+            prune_checkpoints(checkpoints, keep=1)
+        if stale >= config.patience:
+            log.info("early stop after epoch %d (no better validation for %d epochs)",
+                     epoch + 1, config.patience)
+            break
     model.load_state_dict(best_state)
     metrics = {
         "backbone": backbone, "strategy": strategy_name, "strategy_kind": chosen.kind,
@@ -269,7 +323,16 @@ def train_downstream(
             save_file({k: v.contiguous() for k, v in best_state.items()}, str(temporary))
         write_table(staging / "train_log.csv", pd.DataFrame(rows))
         write_text(staging / "metrics.json", json.dumps(metrics, indent=2))
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     return metrics
+
+
+def _folder_digest(folder: Path | None) -> str | None:
+    """What the generated images a run trains on are: their manifest's bytes."""
+    if folder is None:
+        return None
+    return hashlib.sha256((Path(folder) / "manifest.tsv").read_bytes()).hexdigest()
 
 
 def recalibrate_batch_norm(model: torch.nn.Module, images: np.ndarray, device: torch.device,

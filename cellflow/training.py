@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,15 +32,11 @@ from tqdm import tqdm
 
 from cellflow.checkpoint import (
     OPTIMIZER_FILE,
-    CheckpointError,
-    list_checkpoints,
     load_optimizer_state,
     load_weights,
+    newest_intact_checkpoint,
     prune_checkpoints,
-    read_state,
-    remove_partial_checkpoints,
     save_checkpoint,
-    verify_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -229,38 +224,17 @@ def _save(directory: Path, step: int, model: torch.nn.Module, ema: ModelEmaV3,
 def _resume(directory: Path, model: torch.nn.Module, ema: ModelEmaV3,
             optimizer: torch.optim.Optimizer, schedule: Any,
             fingerprint: Mapping[str, Any]) -> int:
-    """Load the newest intact checkpoint in ``directory`` if there is one; return its step.
-
-    Unfinished saves are removed; a checkpoint whose files fail their checksums or hold
-    non-finite weights is set aside as ``corrupt-step-*`` (kept for inspection) with a warning
-    naming it, so a corrupt newest checkpoint costs the steps since the one before, not the run.
-    """
-    for partial in remove_partial_checkpoints(directory):
-        log.warning("removed the unfinished checkpoint save %s", partial)
-    for checkpoint in reversed(list_checkpoints(directory)):
-        try:
-            verify_checkpoint(checkpoint)
-            state = read_state(checkpoint)
-        except CheckpointError as err:
-            aside = checkpoint.with_name(f"corrupt-{checkpoint.name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            checkpoint.rename(aside)
-            log.warning("skipping a corrupt checkpoint, moved to %s: %s", aside, err)
-            continue
-        saved = state.get("fingerprint")
-        if saved != dict(fingerprint):
-            changed = sorted(k for k in set(saved or {}) | set(fingerprint)
-                             if (saved or {}).get(k) != fingerprint.get(k))
-            raise CheckpointError(
-                f"{checkpoint / 'state.json'}: written for another configuration (differs in: "
-                f"{', '.join(changed)}); remove {directory} to start afresh")
-        load_weights(model, checkpoint / "model.safetensors")
-        load_weights(ema.module, checkpoint / "ema.safetensors")
-        optimizer.load_state_dict(load_optimizer_state(checkpoint / OPTIMIZER_FILE))
-        schedule.load_state_dict(state["lr_schedule"])
-        log.info("resuming from %s (step %d)", checkpoint, state["step"])
-        return int(state["step"])
-    return 0
+    """Load the newest intact checkpoint in ``directory`` if there is one; return its step."""
+    found = newest_intact_checkpoint(directory, fingerprint)
+    if found is None:
+        return 0
+    checkpoint, state = found
+    load_weights(model, checkpoint / "model.safetensors")
+    load_weights(ema.module, checkpoint / "ema.safetensors")
+    optimizer.load_state_dict(load_optimizer_state(checkpoint / OPTIMIZER_FILE))
+    schedule.load_state_dict(state["lr_schedule"])
+    log.info("resuming from %s (step %d)", checkpoint, state["step"])
+    return int(state["step"])
 
 
 def _truncate_log(path: Path, step: int) -> None:

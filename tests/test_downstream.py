@@ -283,3 +283,42 @@ def test_batch_norm_statistics_are_recalibrated_on_the_training_images():
         features = model[0](torch.from_numpy(images).float() / 127.5 - 1)
     torch.testing.assert_close(model[1].running_mean, features.mean(dim=(0, 2, 3)))
     assert model.training  # the mode it was in
+
+
+def test_a_killed_run_resumes_from_its_last_epoch_to_the_same_weights(prepared, tmp_path,
+                                                                       monkeypatch):
+    from safetensors.torch import load_file
+
+    import cellflow.downstream as stage
+
+    def run(out: Path, work: Path) -> dict:
+        return train_downstream(prepared, ["normal", "neoplastic"], SIZE, "resnet10t", "mixup",
+                                None, train_config(epochs=3), 0, out, work_dir=work)
+
+    uninterrupted = run(tmp_path / "whole", tmp_path / "work-whole")
+    assert not any((tmp_path / "work-whole").iterdir()), "the checkpoint outlived its run"
+
+    real_evaluate, calls = stage.evaluate, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "evaluate", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed", tmp_path / "work")
+    assert not (tmp_path / "resumed").exists()
+    assert len(list((tmp_path / "work").glob("*/step-0000001"))) == 1
+    monkeypatch.setattr(stage, "evaluate", real_evaluate)
+    resumed = run(tmp_path / "resumed", tmp_path / "work")
+
+    assert resumed["epochs_run"] == uninterrupted["epochs_run"] == 3
+    assert resumed["test"] == uninterrupted["test"]
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    again = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(whole[key], again[key]) for key in whole)
+    losses = [pd.read_csv(tmp_path / name / "train_log.csv")["train_loss"].tolist()
+              for name in ("whole", "resumed")]
+    assert losses[0] == losses[1]

@@ -23,11 +23,13 @@ rule train_downstream:
         spec=downstream_spec,
         generated=downstream_generated_argument,
         folder=run_folder,
+        # The per-epoch checkpoint lives outside the outputs, which a failed job loses.
+        work="results/{dataset}/checkpoints/downstream/{backbone}-{strategy}-seed{seed}",
     shell:
         "python -m cellflow.cli downstream train --spec {params.spec:q}"
         " --manifest {input.manifest} {params.generated} --backbone {wildcards.backbone}"
         " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {params.folder}"
-        " --threads {threads} --log {log}"
+        " --work {params.work} --threads {threads} --log {log}"
 
 
 rule summarize_downstream:
