@@ -120,7 +120,10 @@ def downstream(args: argparse.Namespace) -> int:
     return 0
 
 
-def _feature_spaces(spec: dict, domain_weights: str, device) -> list:
+def _feature_spaces(spec: dict, domain_weights: str, manifest: Path) -> list:
+    """The dataset's feature spaces; their features are cached per image set in
+    results/{dataset}/checkpoints/features/ (beside data/, outside every declared output)."""
+    from cellflow.checkpoint import file_sha256
     from cellflow.metrics import (
         FeatureSpace,
         domain_feature_network,
@@ -129,14 +132,17 @@ def _feature_spaces(spec: dict, domain_weights: str, device) -> list:
 
     dataset, evaluation = spec["dataset"], spec["evaluation"]
     backbone, seed = spec["feature_network"]
+    cache = Path(manifest).parent.parent / "checkpoints" / "features"
     spaces = [FeatureSpace(
         "domain", domain_feature_network(backbone, len(dataset["classes"]),
                                          dataset["resolution"], Path(domain_weights)),
-        f"domain: {backbone} trained on real images only (strategy none, seed {seed})")]
+        f"domain: {backbone} trained on real images only (strategy none, seed {seed})",
+        file_sha256(Path(domain_weights)), cache)]
     if evaluation["inception_weights"]:
+        weights = Path(evaluation["inception_weights"])
         spaces.append(FeatureSpace(
-            "inception", inception_feature_network(Path(evaluation["inception_weights"])),
-            "inception: Inception-v3 pool3 (2015-12-05 weights)"))
+            "inception", inception_feature_network(weights),
+            "inception: Inception-v3 pool3 (2015-12-05 weights)", file_sha256(weights), cache))
     return spaces
 
 
@@ -173,7 +179,7 @@ def evaluate(args: argparse.Namespace) -> int:
         write_table(args.out, table)
         write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2))
     elif args.action == "fidelity":
-        spaces = _feature_spaces(spec, args.features, device)
+        spaces = _feature_spaces(spec, args.features, manifest)
         write_table(args.out, stages.fidelity(
             spec["dataset_name"], args.image_set, manifest, generated, classes, spaces,
             evaluation["kid_subset_size"], evaluation["kid_subsets"], spec["seed"], device))
@@ -190,13 +196,16 @@ def evaluate(args: argparse.Namespace) -> int:
     elif args.action == "memorization":
         from cellflow.memorization import nearest_real_neighbours
 
-        domain = _feature_spaces(spec, args.features, device)[:1]
+        domain = _feature_spaces(spec, args.features, manifest)[:1]
         neighbours, reference = nearest_real_neighbours(manifest, generated, domain,
                                                         device=device)
         write_table(Path(args.out) / "neighbours.tsv", neighbours)
         write_table(Path(args.out) / "reference.tsv", reference)
     else:
-        domain = _feature_spaces(spec, args.features, device)[0]
+        from dataclasses import replace
+
+        # One small image set per trajectory: not worth a cache file each.
+        domain = replace(_feature_spaces(spec, args.features, manifest)[0], cache=None)
         write_table(args.out, stages.temporal_coherence(
             manifest, generated, domain, evaluation["coherence_shuffles"], spec["seed"],
             device))

@@ -12,6 +12,8 @@ layer of a network trained on the dataset's real images only. Column names carry
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from skimage.metrics import structural_similarity
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
@@ -28,7 +31,10 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from cellflow.checkpoint import load_state_dict_file
 from cellflow.downstream import create_backbone
+from cellflow.io import atomic_path
 from cellflow.training import to_model_range
+
+log = logging.getLogger(__name__)
 
 # torch-fidelity's conversion of the TF Inception graph that pytorch-fid and the FID literature use.
 INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -80,21 +86,50 @@ def inception_feature_network(weights: Path) -> nn.Module:
 
 @dataclass(frozen=True)
 class FeatureSpace:
-    """A named feature extractor: ``name`` is the column suffix (``domain`` or ``inception``)."""
+    """A named feature extractor: ``name`` is the column suffix (``domain`` or ``inception``).
+
+    With a ``cache`` folder (outside every job's declared outputs) the features of an image set
+    are kept there, keyed by the network's ``weights_digest`` and the images' bytes: a killed or
+    rerun evaluation job, and every other job of the dataset that embeds the same images (the
+    real training images, in each method's fidelity and memorization job), reads them instead
+    of running the network again.
+    """
 
     name: str
     network: nn.Module
     description: str
+    weights_digest: str = ""
+    cache: Path | None = None
 
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 64,
                  device: torch.device | None = None) -> torch.Tensor:
         """uint8 (N, 3, H, W) -> float64 (N, d) on the CPU."""
+        cached = self._cache_path(images)
+        if cached is not None and cached.is_file():
+            try:
+                features = load_file(str(cached))["features"]
+                if len(features) == len(images) and bool(torch.isfinite(features).all()):
+                    return features
+            except (SafetensorError, OSError, KeyError) as err:  # recomputed and replaced
+                log.warning("ignoring the unreadable feature cache %s: %s", cached, err)
         device = device or torch.device("cpu")
         network = self.network.to(device)
         chunks = [network(torch.from_numpy(images[first:first + batch_size]).to(device))
                   .double().cpu() for first in range(0, len(images), batch_size)]
-        return torch.cat(chunks) if chunks else torch.zeros(0, 0, dtype=torch.float64)
+        features = torch.cat(chunks) if chunks else torch.zeros(0, 0, dtype=torch.float64)
+        if cached is not None and len(features):
+            with atomic_path(cached) as temporary:
+                save_file({"features": features.contiguous()}, str(temporary))
+        return features
+
+    def _cache_path(self, images: np.ndarray) -> Path | None:
+        if self.cache is None or not self.weights_digest:
+            return None
+        digest = hashlib.sha256(self.weights_digest.encode())
+        digest.update(str(images.shape).encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+        return Path(self.cache) / f"{self.name}-{digest.hexdigest()[:20]}.safetensors"
 
 
 class _Precomputed(nn.Module):

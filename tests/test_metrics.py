@@ -168,3 +168,41 @@ def test_second_differences_vanish_on_straight_uniform_paths_and_grow_when_shuff
     assert second_difference(curved) < shuffled_control(curved, second_difference, 20, rng)
     with pytest.raises(ValueError, match="at least 3 frames"):
         second_difference(straight[:2])
+
+
+class CountingNetwork(torch.nn.Module):
+    """Mean colour per image as a 3-d feature, counting the images it has seen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += len(images)
+        return images.float().mean(dim=(2, 3))
+
+
+def test_cached_features_are_read_back_instead_of_recomputed(tmp_path):
+    network = CountingNetwork()
+    space = FeatureSpace("domain", network, "test", weights_digest="abc", cache=tmp_path)
+    images = np.random.default_rng(0).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
+    first = space.features(images)
+    assert network.seen == 5 and len(list(tmp_path.glob("domain-*.safetensors"))) == 1
+    assert torch.equal(space.features(images), first) and network.seen == 5
+    space.features(images[:3])  # another image set: computed, cached beside
+    assert network.seen == 8 and len(list(tmp_path.glob("domain-*.safetensors"))) == 2
+    # other weights never read these features
+    other = FeatureSpace("domain", network, "test", weights_digest="def", cache=tmp_path)
+    other.features(images)
+    assert network.seen == 13
+
+
+def test_a_corrupt_feature_cache_is_recomputed(tmp_path):
+    network = CountingNetwork()
+    space = FeatureSpace("domain", network, "test", weights_digest="abc", cache=tmp_path)
+    images = np.zeros((2, 3, 8, 8), np.uint8)
+    expected = space.features(images)
+    for path in tmp_path.glob("*.safetensors"):
+        path.write_bytes(b"not a safetensors file")
+    assert torch.equal(space.features(images), expected) and network.seen == 4
+    assert torch.equal(space.features(images), expected) and network.seen == 4  # rewritten
