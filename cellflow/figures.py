@@ -513,8 +513,11 @@ def _fidelity_figure(overall: pd.DataFrame, spaces: list[tuple[str, str]],
         if present:
             axis.set_xticks(range(len(present)), [
                 f"{name}\nn={rows.at[name, 'n_generated']:.0f}"
-                + ("\n⚠ " + rows.at[name, "flags"].replace(";", "\n") if rows.at[name, "flags"]
-                   else "") for name in present], fontsize=7)
+                + ("\n⚠ flagged" if rows.at[name, "flags"] else "") for name in present],
+                fontsize=7)
+            # noise can sit orders of magnitude above a real method: keep both readable
+            if _spans_decades(rows.loc[present, value]):
+                axis.set_yscale("log")
         axis.grid(axis="y", alpha=0.3)
         if row == 0:
             networks = ", ".join(map(str, rows["feature_network"].dropna().unique()))
@@ -524,7 +527,8 @@ def _fidelity_figure(overall: pd.DataFrame, spaces: list[tuple[str, str]],
     handles = [Line2D([], [], color=_style("real")[0], linestyle="--",
                       label="real test vs real train (noise floor)"),
                Patch(facecolor="white", edgecolor="black", hatch="//",
-                     label="flagged: the number does not rank these images")]
+                     label="⚠ flagged (see the table's flags): the number does not rank "
+                           "these images")]
     figure.legend(handles=handles, loc="outside lower center", frameon=False, ncols=2)
     figure.suptitle("Image fidelity of generated vs real training images (class 'all')")
     return figure
