@@ -19,7 +19,9 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
+# In a checkout a link to workflow/schemas/config.schema.yaml (the file Snakemake validates
+# with); in a built wheel a copy of it, so an installed cellflow checks configs too.
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
@@ -117,8 +119,8 @@ class DatasetConfig:
 def load_schema() -> dict[str, Any]:
     if not SCHEMA_PATH.is_file():
         raise FileNotFoundError(
-            f"config schema not found at {SCHEMA_PATH}; cellflow must run from its repository "
-            "(pip install -e .) so that workflow/schemas/ is beside the package"
+            f"config schema not found at {SCHEMA_PATH}: a broken installation (reinstall "
+            "cellflow, or run from its repository)"
         )
     return yaml.safe_load(SCHEMA_PATH.read_text())
 

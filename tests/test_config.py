@@ -149,3 +149,24 @@ def test_the_benchmark_name_defaults_to_the_config_file_name():
     assert default_benchmark_name(["config/config.yaml", "config/paper.yaml"]) == "paper"
     assert default_benchmark_name(["runs/proof v2.yaml"]) == "proof-v2"
     assert default_benchmark_name([]) == "default"
+
+
+def test_an_installed_wheel_ships_the_config_schema(tmp_path):
+    """Built and installed without the repository, cellflow still validates configs."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(repo)],
+                   check=True, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("cellflow-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(tmp_path / "site"), str(wheel)], check=True, capture_output=True)
+    probe = ("import cellflow.config as c; assert 'site' in c.__file__, c.__file__; "
+             "print(c.load_schema()['title'])")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PYTHONPATH": str(tmp_path / "site"),
+                                            "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "Cellflow pipeline configuration" in result.stdout
