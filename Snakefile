@@ -26,6 +26,18 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
 
 
+onstart:
+    keep_previous_outputs()
+
+
+onerror:
+    restore_missing(PREVIOUS_OUTPUTS)
+
+
+onsuccess:
+    discard(PREVIOUS_OUTPUTS)
+
+
 localrules:
     all,
     figures,

@@ -377,3 +377,23 @@ def test_images_added_to_a_class_folder_rerun_the_data_stage(make_folder_dataset
     added = snakemake(workdir, target, "-n", "--configfile", str(path))
     assert job_counts(added.stdout) == {"prepare_data": 1}
     assert "Params have changed since last execution" in added.stdout
+
+
+@pytest.mark.slow
+def test_a_failed_rerun_keeps_the_previous_result_and_the_next_run_redoes_it(demo_run):
+    workdir, config = demo_run
+    results = workdir / "results" / "synthetic"
+    confusion = results / "downstream" / "confusion.tsv"
+    figure = results / "figures" / "per_class.png"
+    previous, good = figure.read_bytes(), confusion.read_text()
+    confusion.write_text("not a table\n")  # the rerun of figure_per_class fails on it
+    target = "results/synthetic/figures/per_class.png"
+    failed = snakemake(workdir, "--cores", "1", target, "--configfile", str(config), check=False)
+    assert failed.returncode != 0
+    assert figure.read_bytes() == previous, "the failed rerun lost the previous figure"
+    assert f"kept the previous {target}" in failed.stdout + failed.stderr
+    assert not (workdir / "results" / ".previous").exists()
+    confusion.write_text(good)
+    plan = snakemake(workdir, "-n", target, "--configfile", str(config))
+    assert "figure_per_class" in job_counts(plan.stdout)  # kept, but not taken as finished
+    snakemake(workdir, "--cores", "1", target, "--configfile", str(config))

@@ -16,6 +16,7 @@ from cellflow.config import (
     feature_network_run,
     validate_config,
 )
+from cellflow.keep import back_up, discard, restore_missing
 from cellflow.report import missing_front_page_message
 
 # Jobs import this checkout's package whatever environment runs them (venv, --sdm conda, a
@@ -468,3 +469,21 @@ def job_benchmarks(wildcards):
             method=generative_methods(dataset),
         )
     return files
+
+
+# A rerun's previous good outputs are kept (hard links, outside every declared output) until it
+# has replaced them: the Snakefile's onstart/onerror/onsuccess hooks call these.
+PREVIOUS_OUTPUTS = "results/.previous"
+
+
+def keep_previous_outputs():
+    """Put back what a killed run could not, then keep the outputs the planned jobs will
+    delete before they rerun (checkpoints excluded: they are no job's output)."""
+    restore_missing(PREVIOUS_OUTPUTS)
+    planned = [
+        str(path)
+        for job in workflow.dag.needrun_jobs()
+        for path in job.output
+        if str(path).startswith("results/")
+    ]
+    back_up(planned, PREVIOUS_OUTPUTS)
