@@ -453,6 +453,10 @@ def _dedupe(processed: list[ProcessedImage], on_duplicate: str, dataset: str
         for duplicate in group[1:]:
             message = (f"duplicate of {group[0].raw.source_path}"
                        f" (class {group[0].raw.label_name})")
+            if duplicate.raw.label_name != group[0].raw.label_name:
+                # One image under two labels: the kept label is a guess the user must check.
+                message = (f"label conflict: filed under class {duplicate.raw.label_name}, "
+                           f"but a {message} is kept")
             if on_duplicate == "error":
                 raise DataError(f"dataset '{dataset}': {duplicate.raw.source_path} is a {message}"
                                 " (set prepare.on_duplicate: drop to keep one copy)")

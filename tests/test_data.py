@@ -131,10 +131,15 @@ def test_duplicates_never_cross_splits(make_folder_dataset, tmp_path):
     root = make_folder_dataset({"a": 10, "b": 10})
     for copy in range(3):
         (root / "b" / f"copy_{copy}.png").write_bytes((root / "a" / "a_000.png").read_bytes())
+    (root / "a" / "same_class_copy.png").write_bytes((root / "a" / "a_001.png").read_bytes())
     manifest = prepare(root, tmp_path / "out")
     assert len(manifest) == 20
     excluded = pd.read_csv(tmp_path / "out" / "excluded.tsv", sep="\t")
-    assert excluded["reason"].str.startswith("duplicate of").sum() == 3
+    # a copy filed under another class is a label conflict, and says which label was kept
+    conflicts = excluded["reason"].str.startswith("label conflict: filed under class b")
+    assert conflicts.sum() == 3
+    assert excluded.loc[conflicts, "reason"].str.contains(r"a_000\.png \(class a\) is kept").all()
+    assert excluded["reason"].str.startswith("duplicate of").sum() == 1
     strict = PrepareConfig("exclude", "upscale", "error", 8)
     with pytest.raises(DataError, match="duplicate of"):
         prepare(root, tmp_path / "out2", prepare_config=strict)
