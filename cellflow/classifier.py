@@ -14,8 +14,10 @@ diffusers building blocks so that it shares their tested ResBlocks and attention
   ``resnet_time_scale_shift="scale_shift"``), self-attention after each ResBlock at the levels in
   ``attention_levels``, and a BigGAN-style downsampling ResBlock ending every level but the last;
 * a middle block (ResBlock, attention, ResBlock);
-* GroupNorm -> SiLU -> pooling over the positions (CLIP-style attention pooling, or the mean)
-  -> linear layer to class logits.
+* GroupNorm -> SiLU -> guided-diffusion's ``AttentionPool2d`` (the mean token and every
+  position, each with its own learned positional embedding, attend to each other; the mean
+  token's output is projected straight to the class logits), or the mean over positions and a
+  linear layer (guided-diffusion's ``adaptive`` pool).
 
 There is no class input: the class enters only through the logits, whose log-softmax gradient
 with respect to x_t is the guidance term (:func:`class_log_prob_gradient`).
@@ -27,9 +29,10 @@ from typing import Final
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.embeddings import AttentionPooling, TimestepEmbedding, Timesteps
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from torch import nn
 
@@ -39,6 +42,44 @@ __all__ = ["POOLS", "NoiseAwareClassifier", "class_log_prob_gradient", "clean_lo
 POOLS: Final = ("attention", "mean")
 # guided-diffusion's normalization() is GroupNorm(32, ch) computed in float32 with its default eps.
 _NORM_EPS: Final = 1e-5
+
+
+class AttentionPool2d(nn.Module):
+    """guided-diffusion's attention pool, parameter for parameter (same names and shapes).
+
+    The positional embedding holds one vector per position and one for the mean token, so the
+    pool is tied to its input's side ``spatial``; attention uses ``channels // head_channels``
+    heads in the "new" qkv order (q, k and v each a contiguous third of the projection).
+    """
+
+    def __init__(self, spatial: int, channels: int, head_channels: int, out_channels: int
+                 ) -> None:
+        super().__init__()
+        self.positional_embedding = nn.Parameter(
+            torch.randn(channels, spatial ** 2 + 1) / channels ** 0.5)
+        self.qkv_proj = nn.Conv1d(channels, 3 * channels, 1)
+        self.c_proj = nn.Conv1d(channels, out_channels, 1)
+        self.num_heads = channels // head_channels
+        self.spatial = spatial
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> (B, out_channels)."""
+        batch, channels, height, width = hidden.shape
+        if (height, width) != (self.spatial, self.spatial):
+            raise ValueError(f"the attention pool was built for {self.spatial}x{self.spatial} "
+                             f"features (the classifier's sample_size), got {height}x{width}")
+        tokens = hidden.reshape(batch, channels, -1)
+        tokens = torch.cat([tokens.mean(dim=-1, keepdim=True), tokens], dim=-1)
+        tokens = tokens + self.positional_embedding[None].to(tokens.dtype)
+        length, per_head = tokens.shape[-1], channels // self.num_heads
+
+        def heads(part: torch.Tensor) -> torch.Tensor:  # (B, C, L) -> (B, heads, L, C/heads)
+            return part.reshape(batch, self.num_heads, per_head, length).transpose(2, 3)
+
+        query, key, value = (heads(part) for part in self.qkv_proj(tokens).chunk(3, dim=1))
+        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(2, 3).reshape(batch, channels, length)
+        return self.c_proj(attended)[:, :, 0]
 
 
 class NoiseAwareClassifier(ModelMixin, ConfigMixin):
@@ -134,12 +175,12 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         self.norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[-1], eps=_NORM_EPS)
         self.act_out = nn.SiLU()
         # Not named `pool`: diffusers resolves that name to the config value first.
-        self.attention_pool = (
-            AttentionPooling(block_out_channels[-1] // attention_head_dim, block_out_channels[-1])
-            if pool == "attention"
-            else None
-        )
-        self.head = nn.Linear(block_out_channels[-1], num_classes)
+        if pool == "attention":
+            self.attention_pool = AttentionPool2d(sample_size // self.downsample_factor,
+                                                  block_out_channels[-1], attention_head_dim,
+                                                  num_classes)
+        else:
+            self.head = nn.Linear(block_out_channels[-1], num_classes)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | int) -> torch.Tensor:
         """(B, C, H, W) noisy images in [-1,1]-scaled x_t, timestep (B,) or scalar in [0, 1000)
@@ -169,11 +210,9 @@ class NoiseAwareClassifier(ModelMixin, ConfigMixin):
         hidden = self.mid_block(hidden, emb)
         hidden = self.act_out(self.norm_out(hidden))
 
-        if self.attention_pool is None:
-            pooled = hidden.mean(dim=(2, 3))
-        else:
-            pooled = self.attention_pool(hidden.flatten(2).transpose(1, 2))  # (B, H*W, C) -> (B, C)
-        return self.head(pooled)
+        if self.config.pool == "attention":
+            return self.attention_pool(hidden)
+        return self.head(hidden.mean(dim=(2, 3)))
 
 
 def class_log_prob_gradient(

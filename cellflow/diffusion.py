@@ -11,6 +11,7 @@ The ADM architecture of guided-diffusion maps onto UNet2DModel as follows:
 | attention_resolutions                  | attention_levels (indices of block_out_channels)      |
 | num_head_channels                      | attention_head_dim                                    |
 | use_scale_shift_norm (AdaGN)           | resnet_time_scale_shift="scale_shift"                 |
+| AttentionBlock's GroupNorm (middle too)| attn_norm_num_groups (diffusers drops it otherwise)   |
 | resblock_updown (BigGAN up/down)       | Resnet{Down,Up}sampleBlock2D, *sample_type="resnet"  |
 | class_cond: label embedding + time emb | num_class_embeds (added to the time embedding)        |
 | sinusoidal [cos, sin] time embedding   | flip_sin_to_cos=True, freq_shift=0                    |
@@ -19,7 +20,8 @@ The ADM architecture of guided-diffusion maps onto UNet2DModel as follows:
 | legacy / new qkv attention order       | one attention layout (no ADM checkpoint conversion)   |
 
 The loss is therefore the plain epsilon MSE ("simple" loss), without ADM's variational bound
-term that trains the learned variance.
+term that trains the learned variance. At equal settings the network has exactly as many
+parameters as guided-diffusion's ``UNetModel`` (tests/test_adm.py, benchmarks/results/adm.md).
 """
 
 from __future__ import annotations
@@ -101,6 +103,9 @@ def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: in
         layers_per_block=architecture.layers_per_block,
         attention_head_dim=architecture.attention_head_dim,
         norm_num_groups=group_norm_groups(architecture.block_out_channels),
+        # diffusers drops the middle attention's GroupNorm under scale_shift unless given its
+        # groups; ADM's AttentionBlock normalises its input.
+        attn_norm_num_groups=group_norm_groups(architecture.block_out_channels),
         resnet_time_scale_shift="scale_shift",
         downsample_type="resnet",
         upsample_type="resnet",

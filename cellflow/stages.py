@@ -65,6 +65,7 @@ class StageSpec:
                  if key not in _NOT_IN_WEIGHTS}
         return {
             "model": model,
+            "architecture": ARCHITECTURE_REVISION,
             "settings": json.loads(json.dumps({"model": self.settings["model"],
                                                "train": train})),
             "noise_schedule": asdict(self.noise_schedule),
@@ -74,6 +75,11 @@ class StageSpec:
             "training_data_sha256": training_data_digest(manifest),
         }
 
+
+# Raised whenever the code builds another network from the same model config (2: ADM's
+# middle-attention GroupNorm in the UNet and ADM's attention pool in the classifier), so that
+# checkpoints of the old network are never resumed into the new one.
+ARCHITECTURE_REVISION = 2
 
 # Training settings that change when and where the work is saved, not the weights: changing
 # them resumes the same checkpoints (the sample grid and the classifier's evaluation settings
