@@ -311,7 +311,13 @@ def test_classifier_beats_chance_at_small_t(prepared_manifest, tmp_path):
     _, table = train_classifier(stage_spec(config, "classifier"), prepared_manifest,
                                 tmp_path / "classifier", tmp_path / "ckpt")
     assert list(table["t_start"]) == [0, 250, 500, 750]
-    assert table.loc[0, "accuracy"] >= 0.8, table
+    # Beats chance (2 classes) beyond what guessing reaches once in a thousand runs, and
+    # knows more about nearly clean images than about nearly pure noise.
+    from scipy.stats import binom
+
+    guessing = binom.ppf(0.999, table.loc[0, "n"], 0.5) / table.loc[0, "n"]
+    assert table.loc[0, "accuracy"] > guessing, table
+    assert table.loc[0, "accuracy"] > table.loc[3, "accuracy"], table
     on_disk = pd.read_csv(tmp_path / "classifier" / "accuracy_by_t.tsv", sep="\t")
     pd.testing.assert_frame_equal(on_disk, table)
     assert (tmp_path / "classifier" / "classifier" / "config.json").is_file()
