@@ -263,12 +263,8 @@ def figures(args: argparse.Namespace) -> int:
         draw.trajectory_benchmark(pd.concat(summaries, ignore_index=True),
                                   pd.concat(coherence, ignore_index=True), out, table, fidelity)
     elif args.kind == "side-by-side":
-        flags = {}
-        for path in args.fidelity:
-            rows = read_table(path)
-            rows = rows[rows["class"] == "all"]
-            flags.update(zip(rows["method"], rows.get("flags", pd.Series(dtype=str))
-                             .fillna(""), strict=True))
+        fidelity = pd.concat(map(read_table, args.fidelity), ignore_index=True)
+        flags = {method: codes for (_, method), codes in draw.method_flags(fidelity).items()}
         generated = [draw.GeneratedSet(Path(folder).name,
                                        read_table(Path(folder) / "manifest.tsv"), Path(folder),
                                        flags.get(Path(folder).name, ""))
@@ -277,8 +273,7 @@ def figures(args: argparse.Namespace) -> int:
         draw.side_by_side(data, Path(args.manifest).parent, generated, args.classes.split(","),
                           out, args.title, args.per_method)
     elif args.kind == "memorization":
-        from cellflow import flags
-        from cellflow.memorization import DEFAULT_QUANTILE, memorization_summary
+        from cellflow.memorization import DEFAULT_QUANTILE, flag_summary, memorization_summary
 
         folders = [Path(path).parent for path in args.inputs]
         neighbours = pd.concat([read_table(folder / "neighbours.tsv") for folder in folders],
@@ -286,15 +281,7 @@ def figures(args: argparse.Namespace) -> int:
         reference = read_table(folders[0] / "reference.tsv")
         summary = memorization_summary(neighbours, reference)
         summary.insert(0, "dataset", args.title)
-        found = [flags.memorization_flags(
-            row.get("share_below_threshold_pixel", float("nan")),
-            row.get("share_own_source_pixel", float("nan")), DEFAULT_QUANTILE,
-            f"{row['method']} images" if row["frame_index"] == "all"
-            else f"{row['method']} frame {row['frame_index']}")
-            for _, row in summary.iterrows()]
-        for row_flags in found:
-            flags.warn(row_flags, args.title)
-        summary["flags"] = [flags.codes(row_flags) for row_flags in found]
+        summary = flag_summary(summary, args.title)
         draw.memorization_table(summary, table, DEFAULT_QUANTILE)
         draw.memorization_ratios(neighbours, reference, out,
                                  f"{args.title}: distance to the nearest training image",

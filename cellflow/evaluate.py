@@ -63,10 +63,12 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
         other_classes = hard_class(other)
     real_images = load_images(data_manifest.parent, real["path"])
     other_images = load_images(other_root, other["path"])
-    found = [] if method == "real" else flags.image_set_flags(other_images, real_images, method)
+    correlations = flags.lag1_autocorrelation(other_images)
+    found = [] if method == "real" else flags.image_set_flags(other_images, real_images, method,
+                                                              correlations)
     flags.warn(found, f"{dataset}: {method}")
-    correlation = float(np.nanmedian(flags.lag1_autocorrelation(other_images))
-                        ) if len(other_images) else float("nan")
+    correlation = (float(np.nanmedian(correlations)) if np.isfinite(correlations).any()
+                   else float("nan"))
     features = {}
     for space in spaces:
         log.info("%s: %s features of %d real and %d %s images", dataset, space.name, len(real),
@@ -168,20 +170,23 @@ def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
     """
     train = real_cellularity[real_cellularity["split"] == "train"]
     means = train.groupby("label_name")[MEASURES].mean()
-    landing_flags = {}
+    # Per transition and landing measure, why landing cannot be placed (empty: it can).
+    landing_flags: dict[tuple[str, str], dict[str, list[flags.Flag]]] = {}
     for source_class, target_class in frames[["source_class", "target_class"]].drop_duplicates(
             ).itertuples(index=False):
-        found = [flag for measure, short in (("nuclei_count", "count"),
-                                             ("nuclear_area_fraction", "area"))
-                 for flag in flags.landing_flags(
+        found = {short: flags.landing_flags(
                      train.loc[train["label_name"] == source_class, measure].to_numpy(),
-                     train.loc[train["label_name"] == target_class, measure].to_numpy(), short)]
-        flags.warn(found, f"{source_class}→{target_class}")
+                     train.loc[train["label_name"] == target_class, measure].to_numpy(), short)
+                 for measure, short in (("nuclei_count", "count"),
+                                        ("nuclear_area_fraction", "area"))}
+        for measure_flags in found.values():
+            flags.warn(measure_flags, f"{source_class}→{target_class}")
         landing_flags[source_class, target_class] = found
     rows = []
     for (source_id, source_class, target_class), path in frames.groupby(TRAJECTORY_KEYS,
                                                                          sort=True):
         path = path.sort_values("frame_index")
+        undefined = landing_flags[source_class, target_class]
         count, area = path["nuclei_count"].to_numpy(float), \
             path["nuclear_area_fraction"].to_numpy(float)
         probability = path["target_probability"].to_numpy(float)
@@ -195,18 +200,18 @@ def summarise_trajectories(frames: pd.DataFrame, real_cellularity: pd.DataFrame
                 count, means.at[target_class, "nuclei_count"]),
             "towards_target_fraction_area": _towards_fraction(
                 area, means.at[target_class, "nuclear_area_fraction"]),
-            "landing_count": _landing(count[-1], means.at[source_class, "nuclei_count"],
-                                      means.at[target_class, "nuclei_count"]),
-            "landing_area": _landing(area[-1], means.at[source_class, "nuclear_area_fraction"],
-                                     means.at[target_class, "nuclear_area_fraction"]),
+            "landing_count": float("nan") if undefined["count"] else _landing(
+                count[-1], means.at[source_class, "nuclei_count"],
+                means.at[target_class, "nuclei_count"]),
+            "landing_area": float("nan") if undefined["area"] else _landing(
+                area[-1], means.at[source_class, "nuclear_area_fraction"],
+                means.at[target_class, "nuclear_area_fraction"]),
             "target_probability_first": float(probability[0]),
             "target_probability_last": float(probability[-1]),
             "target_probability_spearman": _spearman(probability),
-            "flags": flags.codes(landing_flags[source_class, target_class]),
+            "flags": flags.codes(flag for measure_flags in undefined.values()
+                                 for flag in measure_flags),
         })
-        for short in ("count", "area"):
-            if f"landing-{short}-undefined" in rows[-1]["flags"]:
-                rows[-1][f"landing_{short}"] = float("nan")
     return pd.DataFrame(rows)
 
 

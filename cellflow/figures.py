@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from cellflow import flags  # noqa: E402
 from cellflow.io import atomic_path, write_table, write_text  # noqa: E402
 
 if TYPE_CHECKING:
@@ -217,8 +218,6 @@ _BENCHMARK_COLUMNS = ["dataset", "backbone", "strategy", "metric", "n_seeds", "m
 def _classification_flags(rows: pd.DataFrame, runs: pd.DataFrame | None, metric: str
                           ) -> pd.DataFrame:
     """Clip each interval to the metric's range and name what a reader must know per row."""
-    from cellflow import flags
-
     rows = rows.copy()
     per_row: list[list] = []
     for index, row in rows.iterrows():
@@ -278,7 +277,8 @@ def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Pa
         if pd.isna(row["mean"]):
             return "–"
         marks = f" ⚠ {row['flags']}" if row["flags"] else ""
-        if pd.isna(row["ci95_low"]) or pd.isna(row["ci95_high"]) or row["n_seeds"] < 3:
+        if (pd.isna(row["ci95_low"]) or pd.isna(row["ci95_high"])
+                or row["n_seeds"] < flags.MIN_SEEDS_FOR_INTERVAL):
             return f"{row['mean']:.3f} (n={row['n_seeds']}, no CI){marks}"
         return f"{row['mean']:.3f} [{row['ci95_low']:.3f}, {row['ci95_high']:.3f}]{marks}"
 
@@ -306,8 +306,6 @@ def classification_benchmark(benchmark: pd.DataFrame, stem: Path, table_stem: Pa
 
 def _classification_figure(rows: pd.DataFrame, order: list[str], label: str,
                            runs: pd.DataFrame | None, metric: str) -> plt.Figure:
-    from cellflow.flags import MIN_SEEDS_FOR_INTERVAL
-
     datasets, backbones = sorted(rows["dataset"].unique()), sorted(rows["backbone"].unique())
     width = max(3.2, 0.34 * len(order) + 1.2)
     figure, axes = plt.subplots(len(backbones), len(datasets), squeeze=False, sharey="col",
@@ -325,13 +323,13 @@ def _classification_figure(rows: pd.DataFrame, order: list[str], label: str,
             base = baseline.iloc[0]
             axis.axhline(base["mean"], color=_style("none")[0], linestyle="--", linewidth=0.9)
             if pd.notna(base["ci95_low"]) and pd.notna(base["ci95_high"]) and \
-                    base["n_seeds"] >= MIN_SEEDS_FOR_INTERVAL:
+                    base["n_seeds"] >= flags.MIN_SEEDS_FOR_INTERVAL:
                 axis.axhspan(base["ci95_low"], base["ci95_high"], color="0.85", zorder=0)
         star = offset_copy(axis.transData, fig=figure, y=9, units="points")
         for record in panel.itertuples(index=False):
             colour, marker = _style(record.strategy)
             x = positions[record.strategy]
-            if record.n_seeds < MIN_SEEDS_FOR_INTERVAL:
+            if record.n_seeds < flags.MIN_SEEDS_FOR_INTERVAL:
                 # Too few seeds for an interval: show each seed, and the mean as a bar.
                 values = (seeds.loc[seeds["strategy"] == record.strategy, metric]
                           if seeds is not None else pd.Series([record.mean]))
@@ -377,7 +375,7 @@ def _classification_figure(rows: pd.DataFrame, order: list[str], label: str,
                Line2D([], [], color="black", marker="*", linestyle="", markersize=8,
                       label="highest mean in panel"),
                Line2D([], [], color="0.3", marker="o", linestyle="", markersize=4,
-                      label=f"one seed (under {MIN_SEEDS_FOR_INTERVAL} seeds: no CI)")]
+                      label=f"one seed (under {flags.MIN_SEEDS_FOR_INTERVAL} seeds: no CI)")]
     figure.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False,
                   fontsize=8)
     figure.suptitle(f"Downstream classification: test {label} by augmentation strategy")
@@ -463,8 +461,6 @@ def fidelity_benchmark(fidelity: pd.DataFrame, stem: Path, table_stem: Path) -> 
 
 def _fidelity_flags(table: pd.DataFrame, spaces: list[tuple[str, str]]) -> list[str]:
     """Each row's own image flags plus a FID far above its dataset's real-vs-real floor."""
-    from cellflow import flags
-
     own = table["flags"].fillna("") if "flags" in table else pd.Series("", index=table.index)
     floors = table[table["method"] == "real"].set_index(["dataset", "class"])
     result = []
@@ -554,6 +550,15 @@ def _fraction(wins: pd.Series) -> float:
     return float(wins.mean()) if wins.notna().any() else float("nan")
 
 
+def method_flags(fidelity: pd.DataFrame | None) -> dict[tuple[str, str], str]:
+    """Each (dataset, method)'s image-set flags: those on its fidelity table's 'all' row."""
+    if fidelity is None or "flags" not in fidelity:
+        return {}
+    rows = fidelity[fidelity["class"] == "all"]
+    return dict(zip(zip(rows["dataset"], rows["method"], strict=True),
+                    rows["flags"].fillna("").astype(str), strict=True))
+
+
 def _trajectory_flags(table: pd.DataFrame, summaries: pd.DataFrame,
                       fidelity: pd.DataFrame | None) -> list[str]:
     """Per transition: its trajectories' flags, and the Cellflow frames' image flags (frames
@@ -562,12 +567,10 @@ def _trajectory_flags(table: pd.DataFrame, summaries: pd.DataFrame,
     by_transition = own.groupby([summaries[key] for key in _TRANSITION_KEYS]).agg(
         lambda cells: ";".join(dict.fromkeys(code for cell in cells
                                              for code in str(cell).split(";") if code)))
-    frames = {}
-    if fidelity is not None and "flags" in fidelity:
-        rows = fidelity[(fidelity["method"] == "cellflow") & (fidelity["class"] == "all")]
-        frames = {row.dataset: ";".join(f"frames-{code}" for code in str(row.flags).split(";")
-                                        if code and code in ("noise", "constant"))
-                  for row in rows.fillna({"flags": ""}).itertuples(index=False)}
+    frames = {dataset: ";".join(f"frames-{code}" for code in codes.split(";")
+                                if code in ("noise", "constant"))
+              for (dataset, method), codes in method_flags(fidelity).items()
+              if method == "cellflow"}
     return [";".join(filter(None, [by_transition.get(tuple(row), ""),
                                    frames.get(row.dataset, "")]))
             for row in table[_TRANSITION_KEYS].itertuples(index=False)]
@@ -846,11 +849,11 @@ def side_by_side(data: pd.DataFrame, data_root: Path, generated: list[GeneratedS
     for axis in axes.flat:
         axis.set_axis_off()
     start = 0
-    for (method, flags, per_class), width in zip(groups, widths, strict=True):
-        header = method if not flags else f"{method}\n⚠ {flags}"
+    for (method, flagged, per_class), width in zip(groups, widths, strict=True):
+        header = method if not flagged else f"{method}\n⚠ {flagged}"
         axes[0, start].annotate(header, (0, 1), xycoords="axes fraction",
                                 xytext=(0, 24), textcoords="offset points", fontsize=8,
-                                fontweight="bold", color=_style(method)[0] if not flags
+                                fontweight="bold", color=_style(method)[0] if not flagged
                                 else "#B00000", va="bottom")
         for row, class_name in enumerate(classes):
             cells = per_class[class_name]

@@ -55,16 +55,18 @@ def lag1_autocorrelation(images: np.ndarray) -> np.ndarray:
     ``images``: uint8 (N, 3, H, W). A constant image has no correlation: NaN.
     """
     luminance = images.astype(np.float64).mean(axis=1)
-    values = []
-    for image in luminance:
-        pairs = [(image[:, :-1], image[:, 1:]), (image[:-1, :], image[1:, :])]
-        correlations = []
-        for first, second in pairs:
-            first, second = first.ravel() - first.mean(), second.ravel() - second.mean()
-            scale = np.sqrt((first ** 2).sum() * (second ** 2).sum())
-            correlations.append((first * second).sum() / scale if scale else np.nan)
-        values.append(np.mean(correlations))
-    return np.asarray(values, dtype=float)
+    correlations = []
+    for first, second in ((luminance[:, :, :-1], luminance[:, :, 1:]),
+                          (luminance[:, :-1, :], luminance[:, 1:, :])):
+        first = first.reshape(len(images), -1)
+        second = second.reshape(len(images), -1)
+        first = first - first.mean(axis=1, keepdims=True)
+        second = second - second.mean(axis=1, keepdims=True)
+        scale = np.sqrt((first ** 2).sum(axis=1) * (second ** 2).sum(axis=1))
+        products = (first * second).sum(axis=1)
+        correlations.append(np.divide(products, scale, out=np.full(len(images), np.nan),
+                                      where=scale > 0))
+    return np.mean(correlations, axis=0)
 
 
 def pixel_std(images: np.ndarray) -> np.ndarray:
@@ -72,8 +74,12 @@ def pixel_std(images: np.ndarray) -> np.ndarray:
     return images.reshape(len(images), -1).astype(np.float64).std(axis=1)
 
 
-def image_set_flags(generated: np.ndarray, real: np.ndarray, what: str) -> list[Flag]:
-    """Whether most of a generated set is per-pixel noise or constant, against real images."""
+def image_set_flags(generated: np.ndarray, real: np.ndarray, what: str,
+                    correlation: np.ndarray | None = None) -> list[Flag]:
+    """Whether most of a generated set is per-pixel noise or constant, against real images.
+
+    ``correlation``: the generated images' ``lag1_autocorrelation``, if the caller has it.
+    """
     flags = []
     if not len(generated):
         return flags
@@ -85,7 +91,8 @@ def image_set_flags(generated: np.ndarray, real: np.ndarray, what: str) -> list[
     reference = reference[np.isfinite(reference)]
     if len(reference):
         floor = float(np.percentile(reference, NOISE_PERCENTILE))
-        correlation = lag1_autocorrelation(generated)
+        if correlation is None:
+            correlation = lag1_autocorrelation(generated)
         noisy = np.nan_to_num(correlation, nan=0.0) < floor
         if noisy.mean() > 0.5:
             flags.append(Flag(

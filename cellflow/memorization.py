@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cellflow import flags
 from cellflow.data import load_images
 from cellflow.io import read_table
 
@@ -236,3 +237,19 @@ def memorization_summary(neighbours: pd.DataFrame, reference: pd.DataFrame,
                        for frame, part in rows.groupby("frame_index", sort=True)]
     return pd.DataFrame([_summary_row(method, frame, rows, limits)
                          for method, frame, rows in groups])
+
+
+def flag_summary(summary: pd.DataFrame, where: str, quantile: float = DEFAULT_QUANTILE
+                 ) -> pd.DataFrame:
+    """``summary`` with a ``flags`` column: the rows whose images are mostly copies (pixel
+    ratio at most the threshold) or nearest to their own source; each flag is logged."""
+    found = []
+    for _, row in summary.iterrows():
+        what = (f"{row['method']} images" if row["frame_index"] == "all"
+                else f"{row['method']} frame {row['frame_index']}")
+        row_flags = flags.memorization_flags(row.get("share_below_threshold_pixel", np.nan),
+                                             row.get("share_own_source_pixel", np.nan),
+                                             quantile, what)
+        flags.warn(row_flags, where)
+        found.append(flags.codes(row_flags))
+    return summary.assign(flags=found)

@@ -184,3 +184,16 @@ def test_memorization_figures_write_png_and_pdf(dataset, tmp_path):
                                                    "ratios.png", "summary.md", "summary.tsv"]
     assert all(path.stat().st_size > 0 for path in paths)
     assert "cellflow" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_summary_flags_copies_and_own_source_rows_only():
+    import pandas as pd
+
+    from cellflow.memorization import flag_summary
+
+    summary = pd.DataFrame({"method": ["real", "cellflow", "cellflow"],
+                            "frame_index": ["all", "all", 1],
+                            "share_below_threshold_pixel": [0.05, 0.3, 0.9],
+                            "share_own_source_pixel": [float("nan"), 0.2, 1.0]})
+    assert flag_summary(summary, "colon")["flags"].tolist() == [
+        "", "", "copies;nearest-is-source"]
