@@ -48,7 +48,7 @@ import torch
 from diffusers import UNet2DModel
 
 from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient, clean_logits
-from cellflow.diffusion import NoiseSchedule
+from cellflow.diffusion import NoiseSchedule, predict_epsilon
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the reference measure uses
 REFERENCE_SIZE = 256  # the image side the reference's Fourier band was chosen for
@@ -466,7 +466,7 @@ class StairBridge:
         counter.unet_evaluations += len(x)
         counter.unet_calls += 1
         t = self.respaced.timestep(level)
-        return self.unet(x, t, class_labels=labels).sample[:, :3]
+        return predict_epsilon(self.unet, x, t, labels)
 
 
 SOFT_LABELS = ("linear", "timestep", "hard", "posterior")

@@ -15,12 +15,19 @@ The ADM architecture of guided-diffusion maps onto UNet2DModel as follows:
 | resblock_updown (BigGAN up/down)       | Resnet{Down,Up}sampleBlock2D, *sample_type="resnet"  |
 | class_cond: label embedding + time emb | num_class_embeds (added to the time embedding)        |
 | sinusoidal [cos, sin] time embedding   | flip_sin_to_cos=True, freq_shift=0                    |
-| learn_sigma (6 output channels)        | 3 channels, epsilon only (all DDIM needs)             |
+| learn_sigma (6 output channels)        | learn_sigma: 6 channels, of which DDIM reads epsilon  |
 | use_fp16 (torso in fp16)               | mixed precision through accelerate                    |
-| legacy / new qkv attention order       | one attention layout (no ADM checkpoint conversion)   |
+| legacy / new qkv attention order       | separate q, k, v projections (cellflow.guided_diffusion|
+|                                        | converts both orders)                                 |
 
-The loss is therefore the plain epsilon MSE ("simple" loss), without ADM's variational bound
-term that trains the learned variance. At equal settings the network has exactly as many
+The loss is the plain epsilon MSE ("simple" loss), without ADM's variational bound term that
+trains the learned variance: with ``learn_sigma`` the variance channels exist so that ADM
+checkpoints load and fine-tune, but nothing here trains or reads them (eta = 0 DDIM needs
+epsilon only).
+
+Classifier-free guidance (Ho & Salimans 2022) needs an unconditional epsilon from the same
+network: ``null_class`` adds one label embedding after the dataset's classes, the "no class"
+label that training substitutes for a share of the labels (``label_dropout``). At equal settings the network has exactly as many
 parameters as guided-diffusion's ``UNetModel`` (tests/test_adm.py, benchmarks/results/adm.md).
 """
 
@@ -67,6 +74,7 @@ class UNetArchitecture:
     attention_levels: tuple[int, ...]
     attention_head_dim: int
     dropout: float = 0.0
+    learn_sigma: bool = False
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> UNetArchitecture:
@@ -76,11 +84,14 @@ class UNetArchitecture:
             attention_levels=tuple(raw["attention_levels"]),
             attention_head_dim=raw["attention_head_dim"],
             dropout=raw["dropout"],
+            learn_sigma=raw.get("learn_sigma", False),
         )
 
 
-def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: int) -> UNet2DModel:
-    """An ADM-style class-conditional UNet (see the module table for the mapping)."""
+def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: int,
+               null_class: bool = False) -> UNet2DModel:
+    """An ADM-style class-conditional UNet (see the module table for the mapping); with
+    ``null_class`` label ``num_classes`` is the unconditional one of classifier-free guidance."""
     levels = len(architecture.block_out_channels)
     bad = [level for level in architecture.attention_levels if not 0 <= level < levels]
     if bad:
@@ -96,7 +107,7 @@ def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: in
     return UNet2DModel(
         sample_size=sample_size,
         in_channels=3,
-        out_channels=3,
+        out_channels=6 if architecture.learn_sigma else 3,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         block_out_channels=architecture.block_out_channels,
@@ -109,7 +120,7 @@ def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: in
         resnet_time_scale_shift="scale_shift",
         downsample_type="resnet",
         upsample_type="resnet",
-        num_class_embeds=num_classes,
+        num_class_embeds=num_classes + int(null_class),
         dropout=architecture.dropout,
         flip_sin_to_cos=True,
         freq_shift=0,
@@ -124,19 +135,35 @@ def group_norm_groups(channels: Sequence[int]) -> int:
     raise AssertionError("unreachable: 1 divides every width")
 
 
+def predict_epsilon(unet: UNet2DModel, sample: torch.Tensor, timestep: torch.Tensor | int,
+                    labels: torch.Tensor) -> torch.Tensor:
+    """The UNet's epsilon: its first three output channels (the others, with learn_sigma,
+    are ADM's variance interpolation, which deterministic DDIM does not use)."""
+    return unet(sample, timestep, class_labels=labels).sample[:, :3]
+
+
 def epsilon_loss(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
     images: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator,
+    label_dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Epsilon-prediction MSE at t ~ U{0..T-1}, with noise drawn from ``generator``."""
+    """Epsilon-prediction MSE at t ~ U{0..T-1}, with noise drawn from ``generator``.
+
+    ``label_dropout`` replaces that share of the labels by the null class (the UNet's last
+    label embedding), which teaches the unconditional epsilon of classifier-free guidance.
+    """
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (images.shape[0],),
                               generator=generator).to(images.device)
     noise = torch.randn(images.shape, generator=generator).to(images.device, images.dtype)
+    if label_dropout:
+        dropped = (torch.rand(images.shape[0], generator=generator) < label_dropout)
+        null = unet.config.num_class_embeds - 1
+        labels = torch.where(dropped.to(labels.device), torch.full_like(labels, null), labels)
     noisy = scheduler.add_noise(images, noise, timesteps)
-    predicted = unet(noisy, timesteps, class_labels=labels).sample
+    predicted = predict_epsilon(unet, noisy, timesteps, labels)
     return F.mse_loss(predicted.float(), noise.float())
 
 
@@ -157,6 +184,6 @@ def ddim_sample(
         parameter.device, parameter.dtype)
     labels = labels.to(parameter.device)
     for t in scheduler.timesteps:
-        epsilon = unet(sample, t, class_labels=labels).sample
+        epsilon = predict_epsilon(unet, sample, t, labels)
         sample = scheduler.step(epsilon, t, sample, eta=0.0).prev_sample
     return sample.clamp(-1, 1)
