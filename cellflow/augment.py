@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cellflow.generation import METHODS as GENERATION_METHODS
+
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the SaliencyMix code uses
 SALIENCY_SIZE = 64  # Hou & Zhang's working width; OpenCV's spectral residual uses 64 x 64
 # Spectrum bins below this fraction of the largest are rounding and resampling noise: without a
@@ -80,12 +82,9 @@ STRATEGIES: Mapping[str, Strategy] = MappingProxyType({s.name: s for s in (
     # Beta(1, 1) and salmix_prob 1.0 are the official ImageNet settings (CIFAR used 0.5).
     _strategy("saliencymix", "spatial", "Uddin et al. 2021 (ICLR), arXiv:2006.01791",
               alpha=1.0, prob=1.0),
-    _strategy("cellflow", "generative", "this project: stair-bridge trajectories "
-              "(shared/reference/cellflow-algorithm.md)", ratio=_GENERATIVE_RATIO),
-    _strategy("ddib", "generative", "Su et al. 2023 (ICLR), arXiv:2203.08382",
-              ratio=_GENERATIVE_RATIO),
-    _strategy("adm", "generative", "Dhariwal & Nichol 2021 (NeurIPS), arXiv:2105.05233",
-              ratio=_GENERATIVE_RATIO),
+    # every generation method is a strategy: its images join the real training split
+    *(_strategy(name, "generative", f"{method.summary}: {method.reference}",
+                ratio=_GENERATIVE_RATIO) for name, method in GENERATION_METHODS.items()),
 )})
 
 

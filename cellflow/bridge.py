@@ -68,6 +68,11 @@ class BridgeConfig:
     stair_selection: Literal["fourier", "posterior"] = "fourier"
     fourier_band: Literal["reference", "scaled"] = "reference"
     posterior_candidates: int = 12  # decode depths of the coarse sweep of posterior stairs
+    # "classifier": the classifier's gradient steers decoding (classifier_scale); "free":
+    # classifier-free guidance in inversion and decoding, eps = (1 + w) eps(x, y) - w eps(x, 0)
+    # with w = cfg_weight (the upstream convention; diffusers' guidance_scale is 1 + w)
+    guidance: Literal["classifier", "free"] = "classifier"
+    cfg_weight: float = 1.8
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> BridgeConfig:
@@ -261,15 +266,37 @@ class StairBridge:
     """Batched, cached stair bridge between the classes of one trained model pair."""
 
     def __init__(self, unet: UNet2DModel, classifier: NoiseAwareClassifier | None,
-                 schedule: NoiseSchedule, config: BridgeConfig, temperature: float = 1.0
-                 ) -> None:
+                 schedule: NoiseSchedule, config: BridgeConfig, temperature: float = 1.0,
+                 decoder: UNet2DModel | None = None) -> None:
         """``temperature`` divides the classifier's t = 0 logits wherever the bridge reads
-        p(target | frame) (posterior stairs, frame posteriors); guidance never uses it."""
+        p(target | frame) (posterior stairs, frame posteriors); guidance never uses it.
+
+        ``decoder``, when given, is the UNet every decode runs (inversion keeps ``unet``): the
+        upstream's "hybrid attention" inverts with one checkpoint read in the legacy qkv order
+        and decodes with it read in the new order. Classifier-free guidance needs UNets with a
+        null class (one label embedding beyond the classifier's classes, the last).
+        """
         if config.stair_selection == "posterior" and classifier is None:
             raise ValueError("stair_selection 'posterior' needs the noise-aware classifier")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
+        if config.guidance not in ("classifier", "free"):
+            raise ValueError(f"unknown guidance '{config.guidance}' (classifier, free)")
         self.unet = unet.eval()
+        self.decoder = (decoder if decoder is not None else unet).eval()
+        if config.guidance == "free":
+            for name, network in (("unet", self.unet), ("decoder", self.decoder)):
+                embeddings = network.config.num_class_embeds or 0
+                if classifier is not None:
+                    expected = classifier.config.num_classes + 1
+                    if embeddings != expected:
+                        raise ValueError(
+                            f"classifier-free guidance needs a {name} with a null class: "
+                            f"{expected} label embeddings for {expected - 1} classes, it has "
+                            f"{embeddings} (train it with diffusion.label_dropout > 0)")
+                elif embeddings < 2:
+                    raise ValueError(f"classifier-free guidance needs a class-conditional "
+                                     f"{name} with a null class")
         self.classifier = classifier.eval() if classifier is not None else None
         self.config = config
         self.temperature = temperature
@@ -287,7 +314,7 @@ class StairBridge:
         measures = []
         labels = labels.to(self.device)
         for level in range(self.respaced.steps):
-            epsilon = self._epsilon(current, level, labels, counter)
+            epsilon = self._epsilon(current, level, labels, counter, self.unet)
             current = self.ddim_step(current, epsilon, level, level + 1)
             counter.sequential_rounds += 1
             latents.append(current.cpu())
@@ -310,8 +337,8 @@ class StairBridge:
             t = self.respaced.timestep(level)
             for chunk in active.split(self.config.max_rows_per_call):
                 z = rows[chunk]
-                epsilon = self._epsilon(z, level, labels[chunk], counter)
-                if scale and self.classifier is not None:
+                epsilon = self._epsilon(z, level, labels[chunk], counter, self.decoder)
+                if scale and self.classifier is not None and self.config.guidance == "classifier":
                     gradient = class_log_prob_gradient(self.classifier, z, t, labels[chunk])
                     counter.classifier_evaluations += len(chunk)
                     epsilon = epsilon - (1 - self.respaced.alpha(level)) ** 0.5 * scale * gradient
@@ -462,11 +489,20 @@ class StairBridge:
         return a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * epsilon
 
     def _epsilon(self, x: torch.Tensor, level: int, labels: torch.Tensor,
-                 counter: EvaluationCounter) -> torch.Tensor:
-        counter.unet_evaluations += len(x)
-        counter.unet_calls += 1
+                 counter: EvaluationCounter, unet: UNet2DModel) -> torch.Tensor:
+        """The epsilon a DDIM move follows: the UNet's, or under classifier-free guidance
+        (1 + w) eps(x, y) - w eps(x, null) from one UNet call on the doubled batch."""
         t = self.respaced.timestep(level)
-        return predict_epsilon(self.unet, x, t, labels)
+        counter.unet_calls += 1
+        if self.config.guidance == "classifier":
+            counter.unet_evaluations += len(x)
+            return predict_epsilon(unet, x, t, labels)
+        counter.unet_evaluations += 2 * len(x)
+        null = torch.full_like(labels, unet.config.num_class_embeds - 1)
+        conditional, unconditional = predict_epsilon(
+            unet, torch.cat([x, x]), t, torch.cat([labels, null])).chunk(2)
+        weight = self.config.cfg_weight
+        return (1 + weight) * conditional - weight * unconditional
 
 
 SOFT_LABELS = ("linear", "timestep", "hard", "posterior")

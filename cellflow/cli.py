@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cellflow.config import ConfigError, dataset_configs, load_config
+from cellflow.generation import METHODS
 
 
 def check_config(path: str) -> int:
@@ -52,30 +53,41 @@ def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
     return 0
 
 
-def generate(method: str, spec_json: str, manifest: str, diffusion: str, classifier: str,
+def generate(method: str, spec_json: str, manifest: str, models: dict[str, str | None],
              out: str, work: str | None, threads: int | None, log_file: str | None) -> int:
-    """Cellflow trajectories or a generative baseline for one dataset."""
+    """One generation method (:data:`cellflow.generation.METHODS`) for one dataset."""
     import json
 
     from cellflow.config import DatasetConfig
     from cellflow.diffusion import NoiseSchedule
-    from cellflow.generate import generate_adm, generate_cellflow, generate_ddib
+    from cellflow.generate import GenerationJob
+    from cellflow.generation import method as generation_method
 
     _job_setup(threads, log_file)
+    chosen = generation_method(method)
+    missing = [name for name in chosen.models if not models.get(name)]
+    if missing:
+        raise SystemExit(f"generate {method}: needs --{' --'.join(missing)}")
     spec = json.loads(spec_json)
-    dataset = DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"])
-    schedule = NoiseSchedule(**spec["noise_schedule"])
-    models = (Path(diffusion), Path(classifier))
-    work_dir = Path(work) if work else None
-    if method == "cellflow":
-        generate_cellflow(dataset, schedule, spec["bridge"], Path(manifest), *models, Path(out),
-                          work_dir)
-    elif method == "ddib":
-        generate_ddib(dataset, schedule, spec["bridge"], spec["baselines"]["ddib"],
-                      Path(manifest), *models, Path(out), work_dir)
-    else:
-        generate_adm(dataset, schedule, spec["bridge"], spec["baselines"]["adm"], spec["seed"],
-                     *models, Path(out), work_dir)
+    chosen.run(GenerationJob(
+        dataset=DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"]),
+        schedule=NoiseSchedule(**spec["noise_schedule"]),
+        bridge=spec["bridge"], settings=spec["method"], seed=spec.get("seed", 0),
+        data_manifest=Path(manifest),
+        models={name: Path(path) for name, path in models.items() if path},
+        out_dir=Path(out), work_dir=Path(work) if work else None))
+    return 0
+
+
+def use_pretrained(spec_json: str, manifest: str, out: str, threads: int | None,
+                   log_file: str | None) -> int:
+    """Check a dataset's pretrained model and write it where a trained one would be."""
+    import json
+
+    from cellflow.pretrained import use_pretrained as adopt
+
+    _job_setup(threads, log_file)
+    adopt(json.loads(spec_json), Path(manifest), Path(out))
     return 0
 
 
@@ -355,17 +367,28 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     fit.add_argument("--log", help="write logging and progress to this file")
     make = commands.add_parser("generate", help="Cellflow trajectories or a baseline")
-    make.add_argument("method", choices=["cellflow", "ddib", "adm"])
+    make.add_argument("method", choices=list(METHODS))
     make.add_argument("--spec", required=True,
-                      help="JSON: dataset_name, dataset, noise_schedule, bridge, baselines, seed")
+                      help="JSON: dataset_name, dataset, noise_schedule, bridge, method, seed")
     make.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
-    make.add_argument("--diffusion", required=True, help="trained diffusion model folder")
-    make.add_argument("--classifier", required=True, help="trained classifier folder")
+    make.add_argument("--diffusion", help="diffusion model folder (unet/)")
+    make.add_argument("--classifier", help="classifier folder (classifier/), if the method "
+                                           "reads one")
+    make.add_argument("--decoder", help="a second diffusion model folder that decodes")
     make.add_argument("--out", required=True, help="output folder (replaced at the end)")
     make.add_argument("--work", help="folder for finished batches, so that a rerun resumes "
                                      "(outside the outputs; removed when they are complete)")
     make.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     make.add_argument("--log", help="write logging and progress to this file")
+    adopt = commands.add_parser("use-pretrained",
+                                help="check a dataset's pretrained model and put it in place")
+    adopt.add_argument("--spec", required=True,
+                       help="JSON: dataset_name, dataset, noise_schedule, model, key, "
+                            "pretrained, settings, seed")
+    adopt.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
+    adopt.add_argument("--out", required=True, help="model folder (replaced at the end)")
+    adopt.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    adopt.add_argument("--log", help="write logging and progress to this file")
     down = commands.add_parser("downstream", help="downstream classifier runs and tables")
     down.add_argument("action", choices=["train", "summarize", "benchmark"])
     down.add_argument("--spec", help="train: JSON with dataset and downstream settings")
@@ -388,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--spec", required=True,
                        help="JSON: dataset_name, dataset, evaluation, feature_network, seed")
     score.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
-    score.add_argument("--image-set", choices=["real", "cellflow", "ddib", "adm"],
+    score.add_argument("--image-set", choices=["real", *METHODS],
                        help="cellularity, fidelity: real images or one method's")
     score.add_argument("--generated", help="a generation folder (trajectories/<method>)")
     score.add_argument("--features", help="fidelity, coherence: feature network weights")
@@ -443,8 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "downstream":
         return downstream(args)
     if args.command == "generate":
-        return generate(args.method, args.spec, args.manifest, args.diffusion, args.classifier,
-                        args.out, args.work, args.threads, args.log)
+        return generate(args.method, args.spec, args.manifest,
+                        {"diffusion": args.diffusion, "classifier": args.classifier,
+                         "decoder": args.decoder}, args.out, args.work, args.threads, args.log)
+    if args.command == "use-pretrained":
+        return use_pretrained(args.spec, args.manifest, args.out, args.threads, args.log)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "train":

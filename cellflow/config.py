@@ -19,6 +19,8 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
+from cellflow.generation import METHODS
+
 # In a checkout a link to workflow/schemas/config.schema.yaml (the file Snakemake validates
 # with); in a built wheel a copy of it, so an installed cellflow checks configs too.
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
@@ -229,6 +231,7 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
                "cross-dataset outputs); rename the dataset")
     yield from _feature_network_problems(config)
     yield from _bridge_problems(config["bridge"], config["noise_schedule"])
+    yield from _generation_problems(config)
     datasets = config["datasets"]
     for name in config["only_datasets"]:
         if name not in datasets:
@@ -244,14 +247,46 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
                     )
             if transition["source"] == transition["target"]:
                 yield f"datasets.{name}.transitions[{index}]: source and target are the same class"
-        generative = [name for name in ("cellflow", "ddib")
-                      if name in config["downstream"]["strategies"]]
-        if generative and not dataset["transitions"] and name in _selected(config):
-            yield (f"downstream.strategies: {', '.join(generative)} need transitions, and "
+        translating = [method for method in config["downstream"]["strategies"]
+                       if method in METHODS and METHODS[method].from_transitions]
+        if translating and not dataset["transitions"] and name in _selected(config):
+            yield (f"downstream.strategies: {', '.join(translating)} need transitions, and "
                    f"dataset '{name}' has none (datasets.{name}.transitions)")
+        for model, entry in dataset["pretrained"].items():
+            yield from _pretrained_problems(f"datasets.{name}.pretrained.{model}", entry)
         split = dataset["split"]
         if split["val_fraction"] + split["test_fraction"] >= 0.9:
             yield f"datasets.{name}.split: val_fraction + test_fraction leaves under 10% to train"
+
+
+def _generation_problems(config: Mapping[str, Any]) -> Iterator[str]:
+    methods = config["generation"]["methods"]
+    for strategy in config["downstream"]["strategies"]:
+        if strategy in METHODS and strategy not in methods:
+            yield (f"downstream.strategies.{strategy}: trains on the images of generation "
+                   f"method '{strategy}', which generation.methods ({', '.join(methods)}) "
+                   f"does not run")
+    if "cellflow_cfg" in methods and not config["diffusion"]["label_dropout"]:
+        trained = [name for name in _selected(config)
+                   if "diffusion" not in config["datasets"][name]["pretrained"]]
+        if trained:
+            yield ("generation.methods: cellflow_cfg needs a diffusion model that knows the "
+                   "unconditional epsilon: set diffusion.label_dropout > 0 (0.1 is usual) "
+                   f"for the models trained for {', '.join(trained)}")
+    for model in ("diffusion", "classifier"):
+        if "init_from" in config[model]:
+            yield from _pretrained_problems(f"{model}.init_from", config[model]["init_from"])
+
+
+def _pretrained_problems(key: str, entry: Mapping[str, Any]) -> Iterator[str]:
+    checkpoint = entry["path"].endswith(".pt")
+    if checkpoint and "adm_flags" not in entry:
+        yield (f"{key}.adm_flags: a guided-diffusion checkpoint ({entry['path']}) needs its "
+               "architecture flags")
+    for option in ("adm_flags", "checkpoint_classes", "qkv_order"):
+        if not checkpoint and option in entry:
+            yield (f"{key}.{option}: only for a .pt checkpoint; {entry['path']} is read as a "
+                   "converted model folder")
 
 
 def _bridge_problems(bridge: Mapping[str, Any], schedule: Mapping[str, Any]) -> Iterator[str]:

@@ -17,8 +17,7 @@ The ADM architecture of guided-diffusion maps onto UNet2DModel as follows:
 | sinusoidal [cos, sin] time embedding   | flip_sin_to_cos=True, freq_shift=0                    |
 | learn_sigma (6 output channels)        | learn_sigma: 6 channels, of which DDIM reads epsilon  |
 | use_fp16 (torso in fp16)               | mixed precision through accelerate                    |
-| legacy / new qkv attention order       | separate q, k, v projections (cellflow.guided_diffusion|
-|                                        | converts both orders)                                 |
+| legacy / new qkv attention order       | q, k, v projections (guided_diffusion converts both)  |
 
 The loss is the plain epsilon MSE ("simple" loss), without ADM's variational bound term that
 trains the learned variance: with ``learn_sigma`` the variance channels exist so that ADM
@@ -27,8 +26,10 @@ epsilon only).
 
 Classifier-free guidance (Ho & Salimans 2022) needs an unconditional epsilon from the same
 network: ``null_class`` adds one label embedding after the dataset's classes, the "no class"
-label that training substitutes for a share of the labels (``label_dropout``). At equal settings the network has exactly as many
-parameters as guided-diffusion's ``UNetModel`` (tests/test_adm.py, benchmarks/results/adm.md).
+label that training substitutes for a share of the labels (``label_dropout``).
+
+At equal settings the network has exactly as many parameters as guided-diffusion's
+``UNetModel`` (tests/test_adm.py, benchmarks/results/adm.md).
 """
 
 from __future__ import annotations

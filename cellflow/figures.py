@@ -51,6 +51,7 @@ _STYLES: dict[str, tuple[str, str]] = {
     "cellflow": ("#D55E00", "D"),
     "ddib": ("#0072B2", "P"),
     "adm": ("#CC79A7", "X"),
+    "cellflow_cfg": ("#8C2D04", "d"),  # a darker Cellflow: the same bridge, other guidance
 }
 _EXTRA_COLOURS = ("#44AA99", "#DDCC77", "#AA4499", "#117733", "#88CCEE", "#661100")
 _CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000",
@@ -1009,8 +1010,13 @@ def fourier_stairs(fourier: pd.DataFrame, stairs: pd.DataFrame, stem: Path, titl
 # --- 7. training ------------------------------------------------------------------------------
 
 def _loss_panel(axis: Axes, log: pd.DataFrame, ylabel: str, title: str) -> None:
-    """Per-step loss (faint) with a moving average, on a log scale when it spans decades."""
+    """Per-step loss (faint) with a moving average, on a log scale when it spans decades.
+    An empty log is a pretrained model used as it is: the panel says so."""
     colour = _style("ddib")[0]
+    if log.empty:
+        axis.set_title(title)
+        _note(axis, "pretrained model, not trained here")
+        return
     axis.plot(log["step"], log["loss"], color=colour, alpha=0.25, linewidth=0.8,
               label="per step")
     window = max(1, len(log) // 25)

@@ -1,10 +1,11 @@
-"""Generation stage: Cellflow trajectories and the DDIB and ADM baselines, in one output format.
+"""Generation stage: Cellflow trajectories (classifier or classifier-free guidance) and the
+DDIB and ADM baselines, in one output format.
 
 Every method writes ``<out>/manifest.tsv`` with one row per generated image:
 
 | column | meaning |
 |---|---|
-| method | cellflow, ddib or adm |
+| method | the generation method (:data:`cellflow.generation.METHODS`) |
 | source_id | id of the real source image (manifest of the data stage), or adm_<class>_<n> |
 | source_class, target_class, source_label, target_label | the transition |
 | frame_index | 1..N along a trajectory (1 for DDIB and ADM) |
@@ -24,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,29 +48,82 @@ from cellflow.training import to_model_range
 
 log = logging.getLogger(__name__)
 
+_TITLES = {"cellflow": "Cellflow", "cellflow_cfg": "Cellflow, classifier-free guidance"}
+
 MANIFEST_COLUMNS = ["method", "source_id", "source_class", "target_class", "source_label",
                     "target_label", "frame_index", "stair", "timestep", "soft_label_weight",
                     "path"]
 
 
-def load_models(diffusion_dir: Path, classifier_dir: Path, device: torch.device
-                ) -> tuple[UNet2DModel, NoiseAwareClassifier]:
-    unet = UNet2DModel.from_pretrained(diffusion_dir / "unet").to(device)
-    classifier = NoiseAwareClassifier.from_pretrained(classifier_dir / "classifier").to(device)
-    return unet, classifier
+def load_unet(folder: Path, device: torch.device) -> UNet2DModel:
+    """A diffusion model folder's UNet (``<folder>/unet``, a trained or imported model)."""
+    return UNet2DModel.from_pretrained(folder / "unet").to(device)
+
+
+def load_classifier(folder: Path, device: torch.device) -> NoiseAwareClassifier:
+    return NoiseAwareClassifier.from_pretrained(folder / "classifier").to(device)
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    """What one generation job gets: its dataset, the settings of its method and the model
+    folders it reads (``diffusion``, ``classifier``, and ``decoder`` where the dataset decodes
+    with a second UNet)."""
+
+    dataset: DatasetConfig
+    schedule: NoiseSchedule
+    bridge: dict[str, Any]
+    settings: dict[str, Any]
+    seed: int
+    data_manifest: Path
+    models: dict[str, Path]
+    out_dir: Path
+    work_dir: Path | None = None
+
+
+def run_cellflow(job: GenerationJob) -> pd.DataFrame:
+    return generate_cellflow(job.dataset, job.schedule, job.bridge, job.data_manifest,
+                             job.models["diffusion"], job.models["classifier"], job.out_dir,
+                             job.work_dir, decoder_dir=job.models.get("decoder"))
+
+
+def run_cellflow_cfg(job: GenerationJob) -> pd.DataFrame:
+    """The bridge under classifier-free guidance (the diffusion model needs its null class:
+    diffusion.label_dropout > 0); the classifier only measures the frames' p(target)."""
+    bridge = {**job.bridge, "guidance": "free", "cfg_weight": job.settings["weight"]}
+    return generate_cellflow(job.dataset, job.schedule, bridge, job.data_manifest,
+                             job.models["diffusion"], job.models["classifier"], job.out_dir,
+                             job.work_dir, decoder_dir=job.models.get("decoder"),
+                             method="cellflow_cfg")
+
+
+def run_ddib(job: GenerationJob) -> pd.DataFrame:
+    return generate_ddib(job.dataset, job.schedule, job.bridge, job.settings, job.data_manifest,
+                         job.models["diffusion"], None, job.out_dir, job.work_dir,
+                         decoder_dir=job.models.get("decoder"))
+
+
+def run_adm(job: GenerationJob) -> pd.DataFrame:
+    return generate_adm(job.dataset, job.schedule, job.bridge, job.settings, job.seed,
+                        job.models["diffusion"], job.models["classifier"], job.out_dir,
+                        job.work_dir)
 
 
 def _engine(schedule: NoiseSchedule, config: BridgeConfig, diffusion_dir: Path,
-            classifier_dir: Path, guided: bool, calibration: pd.DataFrame | None = None,
-            calibration_root: Path | None = None) -> StairBridge:
-    """The bridge on the trained models; with ``calibration`` (labelled images, the validation
-    split) its t = 0 posteriors are temperature-scaled on them."""
+            classifier_dir: Path | None, calibration: pd.DataFrame | None = None,
+            calibration_root: Path | None = None, decoder_dir: Path | None = None
+            ) -> StairBridge:
+    """The bridge on the trained models (no classifier where ``classifier_dir`` is None);
+    with ``calibration`` (labelled images, the validation split) its t = 0 posteriors are
+    temperature-scaled on them."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, classifier = load_models(diffusion_dir, classifier_dir, device)
+    unet = load_unet(diffusion_dir, device)
+    decoder = load_unet(decoder_dir, device) if decoder_dir is not None else None
+    classifier = load_classifier(classifier_dir, device) if classifier_dir is not None else None
     temperature = 1.0
-    if calibration is not None:
+    if calibration is not None and classifier is not None:
         temperature = calibrate_temperature(classifier, calibration, calibration_root)
-    return StairBridge(unet, classifier if guided else None, schedule, config, temperature)
+    return StairBridge(unet, classifier, schedule, config, temperature, decoder=decoder)
 
 
 def calibrate_temperature(classifier: NoiseAwareClassifier, images: pd.DataFrame, root: Path
@@ -123,21 +177,26 @@ def _batches(table: pd.DataFrame, size: int) -> Iterator[pd.DataFrame]:
 
 def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                       data_manifest: Path, diffusion_dir: Path, classifier_dir: Path,
-                      out_dir: Path, work_dir: Path | None = None) -> pd.DataFrame:
+                      out_dir: Path, work_dir: Path | None = None,
+                      decoder_dir: Path | None = None, method: str = "cellflow"
+                      ) -> pd.DataFrame:
     """Trajectories for every configured transition; returns the generation manifest.
 
     With ``work_dir``, every finished batch is kept there until the outputs are complete, so
     a killed job's rerun redoes at most one batch (:class:`cellflow.resume.BatchStore`).
+    ``bridge["guidance"]`` chooses classifier or classifier-free guidance (``method`` names
+    the outputs); ``decoder_dir`` is a second UNet that decodes.
     """
     config = BridgeConfig.from_dict(bridge)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     uses_posterior = "posterior" in (config.stair_selection, bridge["soft_label"])
-    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True,
+    engine = _engine(schedule, config, diffusion_dir, classifier_dir,
                      calibration=data[data["split"] == "val"] if uses_posterior else None,
-                     calibration_root=data_manifest.parent)
-    store = BatchStore(work_dir, {"method": "cellflow", "bridge": asdict(config),
+                     calibration_root=data_manifest.parent, decoder_dir=decoder_dir)
+    models = [diffusion_dir, classifier_dir, *([decoder_dir] if decoder_dir else [])]
+    store = BatchStore(work_dir, {"method": method, "bridge": asdict(config),
                                   "temperature": engine.temperature,
-                                  "models": folder_digest(diffusion_dir, classifier_dir)})
+                                  "models": folder_digest(*models)})
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, stairs_rows, fourier_rows = [], [], []
     counter = EvaluationCounter()
@@ -147,7 +206,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
             strip_sources, strip_frames, strip_stairs = [], [], []
             for index, (batch, images, source_labels, target_labels) in enumerate(_source_batches(
                     data, data_manifest.parent, transition, bridge["sources_per_transition"],
-                    bridge["batch_size"], label_of, "cellflow")):
+                    bridge["batch_size"], label_of, method)):
                 result = store.get_or_compute(
                     _batch_name(transition, index, batch),
                     partial(_trajectory_arrays, engine, images, source_labels, target_labels))
@@ -159,7 +218,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                         stair = int(result["stairs"][b, m])
                         path = f"{folder}/{m + 1:02d}.png"
                         save_png(staging / path, frames[b, m])
-                        rows.append(_row("cellflow", source_id, transition, label_of, m + 1,
+                        rows.append(_row(method, source_id, transition, label_of, m + 1,
                                          stair, engine.respaced.timestep(stair),
                                          soft_label_weight(
                                              bridge["soft_label"], m + 1, config.frames, stair,
@@ -185,14 +244,14 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
             save_trajectory_strip(
                 strip_sources, strip_frames, strip_stairs, target_example,
                 staging / "strips" / f"{transition.source}-to-{transition.target}.png",
-                f"{dataset.name}: {transition.source} → {transition.target} (Cellflow)")
+                f"{dataset.name}: {transition.source} → {transition.target} ({_TITLES[method]})")
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         write_table(staging / "manifest.tsv", manifest)
         stairs_table = pd.DataFrame(stairs_rows)
         write_table(staging / "stairs.tsv", stairs_table)
         write_table(staging / "fourier.tsv", pd.DataFrame(fourier_rows))
         first_frames = stairs_table[stairs_table["frame_index"] == 1]
-        _write_summary(staging, "cellflow", config, counter, len(first_frames),
+        _write_summary(staging, method, config, counter, len(first_frames),
                        time.perf_counter() - started, {
                            "batches_resumed": store.reused,
                            "soft_label": bridge["soft_label"],
@@ -227,13 +286,15 @@ def _batch_name(transition: Transition, index: int, batch: pd.DataFrame) -> str:
 
 def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                   ddib: dict[str, Any], data_manifest: Path, diffusion_dir: Path,
-                  classifier_dir: Path, out_dir: Path, work_dir: Path | None = None
-                  ) -> pd.DataFrame:
-    """DDIB translations (endpoints only, hard target labels) for every transition."""
+                  classifier_dir: Path | None, out_dir: Path, work_dir: Path | None = None,
+                  decoder_dir: Path | None = None) -> pd.DataFrame:
+    """DDIB translations (endpoints only, hard target labels) for every transition; decoding
+    is unguided, so ``classifier_dir`` is not read."""
     config = BridgeConfig.from_dict(bridge)
-    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=False)
+    engine = _engine(schedule, config, diffusion_dir, None, decoder_dir=decoder_dir)
+    models = [diffusion_dir, *([decoder_dir] if decoder_dir else [])]
     store = BatchStore(work_dir, {"method": "ddib", "bridge": asdict(config),
-                                  "models": folder_digest(diffusion_dir)})
+                                  "models": folder_digest(*models)})
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
@@ -269,7 +330,7 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
     so a resumed job's samples equal an uninterrupted job's.
     """
     config = BridgeConfig.from_dict({**bridge, "classifier_scale": adm["classifier_scale"]})
-    engine = _engine(schedule, config, diffusion_dir, classifier_dir, guided=True)
+    engine = _engine(schedule, config, diffusion_dir, classifier_dir)
     store = BatchStore(work_dir, {"method": "adm", "bridge": asdict(config), "seed": seed,
                                   "models": folder_digest(diffusion_dir, classifier_dir)})
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()

@@ -38,6 +38,11 @@ def folder_digest(*folders: Path) -> str:
     return digest.hexdigest()
 
 
+def path_digest(path: Path) -> str:
+    """SHA-256 of a file, or :func:`folder_digest` of a folder."""
+    return file_sha256(path) if path.is_file() else folder_digest(path)
+
+
 class BatchStore:
     """Arrays of finished batches under ``root/<key digest>/``; ``root=None`` keeps nothing."""
 

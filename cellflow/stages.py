@@ -35,6 +35,8 @@ from cellflow.diffusion import (
 )
 from cellflow.figures import plot_accuracy_by_timestep, plot_loss_curve, save_sample_grid
 from cellflow.io import staged_directory, write_table, write_text
+from cellflow.pretrained import for_fine_tuning
+from cellflow.resume import path_digest
 from cellflow.training import TrainConfig, TrainResult, to_model_range, train_model
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,15 @@ class StageSpec:
         """What the trained weights depend on; checkpoints of another fingerprint never mix."""
         train = {key: value for key, value in self.settings["train"].items()
                  if key not in _NOT_IN_WEIGHTS}
+        # Only where set, so that the checkpoints of runs from before these settings resume.
+        extra: dict[str, Any] = {}
+        if self.settings.get("label_dropout"):
+            extra["label_dropout"] = self.settings["label_dropout"]
+        if "init_from" in self.settings:
+            extra["init_from"] = {**self.settings["init_from"],
+                                  "digest": path_digest(Path(self.settings["init_from"]["path"]))}
         return {
+            **extra,
             "model": model,
             "architecture": ARCHITECTURE_REVISION,
             "settings": json.loads(json.dumps({"model": self.settings["model"],
@@ -112,13 +122,22 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
     """Train the class-conditional UNet; write ``unet/``, ``scheduler/``, log, curve, samples."""
     images, labels = load_split(manifest, "train")
     torch.manual_seed(spec.seed)
-    unet = build_unet(UNetArchitecture.from_dict(spec.settings["model"]),
-                      spec.dataset.resolution, len(spec.dataset.classes))
+    label_dropout = spec.settings.get("label_dropout", 0.0)
+    initial: dict[str, Any] | None = None
+    if "init_from" in spec.settings:
+        unet, initial = for_fine_tuning(spec.settings["init_from"], "diffusion",
+                                        spec.dataset.classes, "diffusion.init_from",
+                                        null_class=label_dropout > 0)
+        _require_resolution(unet.config.sample_size, spec, "diffusion.init_from")
+    else:
+        unet = build_unet(UNetArchitecture.from_dict(spec.settings["model"]),
+                          spec.dataset.resolution, len(spec.dataset.classes),
+                          null_class=label_dropout > 0)
     scheduler = spec.noise_schedule.ddpm()
     fingerprint = spec.fingerprint("diffusion", manifest)
 
     def loss(model, batch, batch_labels, generator):
-        return epsilon_loss(model, scheduler, batch, batch_labels, generator)
+        return epsilon_loss(model, scheduler, batch, batch_labels, generator, label_dropout)
 
     result = train_model(
         unet, loss, torch.from_numpy(images), torch.from_numpy(labels),
@@ -141,8 +160,15 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
             sampled, list(spec.dataset.classes), staging / "samples.png",
             f"{spec.dataset.name}: class-conditional DDIM samples ({samples['ddim_steps']} steps) "
             f"after {spec.settings['train']['steps']} training steps")
-        _write_common(staging, result, spec, fingerprint, "diffusion")
+        _write_common(staging, result, spec, fingerprint, "diffusion", initial)
     return result
+
+
+def _require_resolution(sample_size: int, spec: StageSpec, key: str) -> None:
+    if sample_size != spec.dataset.resolution:
+        raise ValueError(f"{key}: the pretrained model is for {sample_size} px images, dataset "
+                         f"'{spec.dataset.name}' is prepared at {spec.dataset.resolution} px "
+                         f"(datasets.{spec.dataset.name}.resolution)")
 
 
 def require_finite(model: torch.nn.Module, what: str) -> None:
@@ -175,8 +201,14 @@ def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_
     """Train the noise-aware classifier; write it with its accuracy per band of timesteps."""
     images, labels = load_split(manifest, "train")
     torch.manual_seed(spec.seed)
-    classifier = build_classifier(spec.settings["model"], spec.dataset.resolution,
-                                  len(spec.dataset.classes))
+    initial: dict[str, Any] | None = None
+    if "init_from" in spec.settings:
+        classifier, initial = for_fine_tuning(spec.settings["init_from"], "classifier",
+                                              spec.dataset.classes, "classifier.init_from")
+        _require_resolution(classifier.config.sample_size, spec, "classifier.init_from")
+    else:
+        classifier = build_classifier(spec.settings["model"], spec.dataset.resolution,
+                                      len(spec.dataset.classes))
     scheduler = spec.noise_schedule.ddpm()
     fingerprint = spec.fingerprint("classifier", manifest)
 
@@ -205,7 +237,7 @@ def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_
         plot_accuracy_by_timestep(
             table, 1 / len(spec.dataset.classes), staging / "accuracy_by_t.png",
             f"{spec.dataset.name}: noise-aware classifier, validation split")
-        _write_common(staging, result, spec, fingerprint, "classifier")
+        _write_common(staging, result, spec, fingerprint, "classifier", initial)
     return result, table
 
 
@@ -245,7 +277,8 @@ def accuracy_by_timestep(
 
 
 def _write_common(staging: Path, result: TrainResult, spec: StageSpec,
-                  fingerprint: Mapping[str, Any], name: str) -> None:
+                  fingerprint: Mapping[str, Any], name: str,
+                  initial: Mapping[str, Any] | None = None) -> None:
     write_table(staging / "train_log.csv", result.log)
     plot_loss_curve(result.log, staging / "loss_curve.png", f"{spec.dataset.name}: {name}")
     summary = {
@@ -255,5 +288,7 @@ def _write_common(staging: Path, result: TrainResult, spec: StageSpec,
         "seconds_this_run": round(result.seconds, 2),
         "final_loss_mean_last_10": float(result.log["loss"].tail(10).mean()),
         "weights": "EMA",
+        # fine-tuning: the pretrained model, and which class rows it gave
+        "initialised_from": initial,
     }
     write_text(staging / "training.json", json.dumps(summary, indent=2))

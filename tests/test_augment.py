@@ -15,6 +15,8 @@ from cellflow.augment import (
     resolve_params,
     strategy,
 )
+from cellflow.config import load_schema
+from cellflow.generation import METHODS as GENERATION_METHODS
 
 SPATIAL = ["cutout", "mixup", "cutmix", "fmix", "resizemix", "saliencymix"]
 PASTING = ["cutmix", "fmix", "resizemix", "saliencymix"]
@@ -50,11 +52,17 @@ def dihedral_images(image: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_registry_kinds_defaults_and_references() -> None:
-    assert set(STRATEGIES) == {"none", *SPATIAL, "cellflow", "ddib", "adm"}
+    # every generation method is a strategy, and the schema's enum lists them all
+    assert set(STRATEGIES) == {"none", *SPATIAL, *GENERATION_METHODS}
+    schema = load_schema()["$defs"]
+    assert set(schema["downstream"]["properties"]["strategies"]["propertyNames"]["enum"]) == set(
+        STRATEGIES)
+    assert set(schema["generation"]["properties"]["methods"]["items"]["enum"]) == set(
+        GENERATION_METHODS)
     assert strategy("none").kind == "basic" and dict(strategy("none").defaults) == {}
     for name in SPATIAL:
         assert strategy(name).kind == "spatial" and strategy(name).defaults["prob"] == 1.0
-    for name in ("cellflow", "ddib", "adm"):
+    for name in GENERATION_METHODS:
         assert strategy(name).kind == "generative"
         assert dict(strategy(name).defaults) == {"ratio": 1.0}
     assert all(chosen.reference and chosen.name == name for name, chosen in STRATEGIES.items())

@@ -16,6 +16,8 @@ from cellflow.config import (
     feature_network_run,
     validate_config,
 )
+from cellflow.generation import METHODS as GENERATION_METHODS
+from cellflow.generation import job_settings as generation_job_settings
 from cellflow.keep import back_up, discard, restore_missing
 from cellflow.report import missing_front_page_message
 
@@ -61,7 +63,7 @@ def choice(names):
 
 
 DOWNSTREAM = config["downstream"]
-GENERATIVE_STRATEGIES = ("cellflow", "ddib", "adm")
+GENERATIVE_STRATEGIES = tuple(GENERATION_METHODS)
 # What the evaluation rules measure: the real images, or one generative method's.
 IMAGE_SETS = ("real", *GENERATIVE_STRATEGIES)
 FEATURE_BACKBONE, FEATURE_SEED = feature_network_run(config)
@@ -79,15 +81,6 @@ wildcard_constraints:
 # Settings that only size a job (a cluster time limit, a device count). They stay out of every
 # job's params, so raising a time limit after a time-out never replans finished work.
 RESOURCE_KEYS = ("runtime_minutes", "gpus")
-# The bridge settings the DDIB and ADM baselines use; the rest are Cellflow's own.
-BASELINE_BRIDGE_KEYS = (
-    "inversion_steps",
-    "timestep_spacing",
-    "batch_size",
-    "max_rows_per_call",
-)
-
-
 def canonical(value):
     """A copy with every dict in sorted key order: Snakemake compares params as printed, so a
     config that lists the same values in another order must print the same."""
@@ -167,50 +160,110 @@ def data_outputs(dataset):
 
 def model_outputs(dataset):
     return [
-        f"results/{dataset}/models/diffusion",
-        f"results/{dataset}/models/classifier",
+        f"results/{dataset}/models/{model}"
+        for model in ("diffusion", "classifier", *config["datasets"][dataset]["pretrained"])
     ]
 
 
-def generation_inputs(wildcards):
-    return {
-        "manifest": f"results/{wildcards.dataset}/data/manifest.tsv",
-        "diffusion": f"results/{wildcards.dataset}/models/diffusion",
-        "classifier": f"results/{wildcards.dataset}/models/classifier",
-    }
+def trained_datasets(model):
+    """The datasets whose model of this kind is trained here, not given as pretrained."""
+    return [name for name in DATASETS if model not in DATASETS_PRETRAINED[name]]
 
 
-def generation_spec(method):
-    """The JSON a generation job gets: its dataset, the schedule and what its method uses."""
+DATASETS_PRETRAINED = {
+    name: config["datasets"][name]["pretrained"] for name in DATASETS
+}
+PRETRAINED_PAIRS = [
+    f"{name}/models/{model}"
+    for name, models in DATASETS_PRETRAINED.items()
+    for model in models
+]
 
-    def spec(wildcards):
-        bridge = without_resources(config["bridge"])
-        settings = {
+
+def pretrained_entry(wildcards):
+    return DATASETS_PRETRAINED[wildcards.dataset][wildcards.model]
+
+
+def pretrained_inputs(wildcards):
+    """The data manifest and the pretrained model (a folder or a .pt), where it exists: a
+    missing one is left to the job to report with the config key that names it."""
+    path = pretrained_entry(wildcards)["path"]
+    inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
+    if os.path.exists(path):
+        inputs["source"] = path
+    return inputs
+
+
+def pretrained_spec(wildcards):
+    """The JSON a pretrained-model job gets: the dataset, the schedule, the entry and the
+    settings of the figures and tables a trained model of this kind comes with."""
+    kind = "classifier" if wildcards.model == "classifier" else "diffusion"
+    section = config[kind]
+    return json.dumps(
+        {
             "dataset_name": wildcards.dataset,
             "dataset": config["datasets"][wildcards.dataset],
             "noise_schedule": config["noise_schedule"],
-        }
-        if method == "cellflow":
-            settings["bridge"] = bridge
-        else:
-            settings["bridge"] = {key: bridge[key] for key in BASELINE_BRIDGE_KEYS}
-            settings["baselines"] = {method: config["baselines"][method]}
-        if method == "adm":
-            settings["seed"] = config["seed"]
-        return json.dumps(settings, sort_keys=True)
+            "model": wildcards.model,
+            "key": f"datasets.{wildcards.dataset}.pretrained.{wildcards.model}",
+            "pretrained": pretrained_entry(wildcards),
+            "settings": {
+                key: section[key] for key in ("samples", "eval") if key in section
+            },
+            "seed": config["seed"],
+        },
+        sort_keys=True,
+    )
 
-    return spec
+
+def model_folder(dataset, model):
+    """A model folder a generation job reads: diffusion, classifier, or the decoder UNet,
+    which is the diffusion model unless the dataset names a pretrained one."""
+    if model == "decoder" and "decoder" not in config["datasets"][dataset]["pretrained"]:
+        return None
+    return f"results/{dataset}/models/{model}"
 
 
-def generation_work(wildcards, output):
-    """Where a generation job keeps its finished batches (outside its declared outputs)."""
-    method = os.path.basename(output.folder)
-    return f"results/{wildcards.dataset}/checkpoints/{method}"
+def generation_inputs(wildcards):
+    """The data manifest and the model folders the method reads (its registry entry)."""
+    inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
+    for model in (*GENERATION_METHODS[wildcards.method].models, "decoder"):
+        folder = model_folder(wildcards.dataset, model)
+        translates = GENERATION_METHODS[wildcards.method].from_transitions
+        if folder is not None and (model != "decoder" or translates):
+            inputs[model] = folder
+    return inputs
+
+
+def generation_model_arguments(wildcards, input):
+    return " ".join(
+        f"--{model} {getattr(input, model)}"
+        for model in ("diffusion", "classifier", "decoder")
+        if model in input.keys()
+    )
+
+
+def generation_spec(wildcards):
+    """The JSON a generation job gets: its dataset, the schedule and what its method uses."""
+    return json.dumps(
+        {
+            "dataset_name": wildcards.dataset,
+            "dataset": config["datasets"][wildcards.dataset],
+            "noise_schedule": config["noise_schedule"],
+            **generation_job_settings(wildcards.method, config),
+        },
+        sort_keys=True,
+    )
 
 
 def generative_methods(dataset):
-    """ADM samples every dataset; trajectories and DDIB need transitions."""
-    return ["adm"] + (["cellflow", "ddib"] if DATASETS[dataset].transitions else [])
+    """The configured methods this dataset can run: those that translate real images only
+    where it has transitions."""
+    return [
+        name
+        for name in config["generation"]["methods"]
+        if DATASETS[dataset].transitions or not GENERATION_METHODS[name].from_transitions
+    ]
 
 
 def image_sets(dataset):
@@ -357,6 +410,19 @@ def training_spec(model):
     return spec
 
 
+def training_inputs(model):
+    """The data manifest, and the model that init_from fine-tunes (a changed file retrains)."""
+
+    def inputs(wildcards):
+        paths = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
+        init_from = config[model].get("init_from")
+        if init_from is not None and os.path.exists(init_from["path"]):
+            paths["init_from"] = init_from["path"]
+        return paths
+
+    return inputs
+
+
 def python_launcher(model):
     """`python -m`, or `accelerate launch -m` over several GPUs (data parallel)."""
     gpus = config[model]["train"]["gpus"]
@@ -436,21 +502,27 @@ def job_benchmarks(wildcards):
     for dataset in DATASETS:
         per_dataset = [
             rules.prepare_data,
-            rules.train_diffusion,
-            rules.train_classifier,
-            rules.baseline_adm,
             rules.summarize_downstream,
         ]
+        for model, training in (
+            ("diffusion", rules.train_diffusion),
+            ("classifier", rules.train_classifier),
+        ):
+            if model not in config["datasets"][dataset]["pretrained"]:
+                files.append(training.benchmark.format(dataset=dataset))
+        files += expand(
+            rules.use_pretrained.benchmark,
+            dataset=dataset,
+            model=list(config["datasets"][dataset]["pretrained"]),
+        )
         if dataset in SYNTHETIC_DATASETS:
             per_dataset += [rules.synthesize_dataset, rules.validate_cellularity]
         if DATASETS[dataset].transitions:
-            per_dataset += [
-                rules.trajectories,
-                rules.baseline_ddib,
-                rules.analyse_trajectories,
-                rules.temporal_coherence,
-            ]
+            per_dataset += [rules.analyse_trajectories, rules.temporal_coherence]
         files += [rule.benchmark.format(dataset=dataset) for rule in per_dataset]
+        files += expand(
+            rules.generate.benchmark, dataset=dataset, method=generative_methods(dataset)
+        )
         files += expand(
             rules.train_downstream.benchmark,
             dataset=dataset,

@@ -1,24 +1,29 @@
-# Generation stage: Cellflow trajectories and the DDIB and ADM baselines, per dataset.
-# All three write results/{dataset}/trajectories/{method}/manifest.tsv in one format.
+# Generation stage: one job per dataset and generation method (cellflow.generation.METHODS:
+# the Cellflow bridge with classifier or classifier-free guidance, DDIB, ADM). Every method
+# writes results/{dataset}/trajectories/{method}/manifest.tsv in one format.
 # Finished batches wait in results/{dataset}/checkpoints/{method}/, outside the outputs, so
 # a killed or timed-out job resumes; the job removes them once its outputs are complete.
 
 
-rule trajectories:
+rule generate:
     input:
         unpack(generation_inputs),
     output:
         folder=report(
-            directory("results/{dataset}/trajectories/cellflow"),
+            directory("results/{dataset}/trajectories/{method}"),
             patterns=["strips/{transition}.png"],
             caption="../report/trajectories.rst",
             category="Trajectories",
-            labels={"dataset": "{dataset}", "transition": "{transition}"},
+            labels={
+                "dataset": "{dataset}",
+                "method": "{method}",
+                "transition": "{transition}",
+            },
         ),
     log:
-        "logs/{dataset}/trajectories.log",
+        "logs/{dataset}/generate_{method}.log",
     benchmark:
-        "results/{dataset}/benchmarks/trajectories.tsv"
+        "results/{dataset}/benchmarks/generate_{method}.tsv"
     conda:
         "../../environment.yaml"
     threads: 4
@@ -27,62 +32,10 @@ rule trajectories:
         runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
         gpu=config["bridge"]["gpus"],
     params:
-        spec=generation_spec("cellflow"),
-        work=generation_work,
+        spec=generation_spec,
+        models=generation_model_arguments,
+        work="results/{dataset}/checkpoints/{method}",
     shell:
-        "python -m cellflow.cli generate cellflow --spec {params.spec:q}"
-        " --manifest {input.manifest} --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --out {output.folder} --work {params.work}"
-        " --threads {threads} --log {log}"
-
-
-rule baseline_ddib:
-    input:
-        unpack(generation_inputs),
-    output:
-        folder=directory("results/{dataset}/trajectories/ddib"),
-    log:
-        "logs/{dataset}/baseline_ddib.log",
-    benchmark:
-        "results/{dataset}/benchmarks/baseline_ddib.tsv"
-    conda:
-        "../../environment.yaml"
-    threads: 4
-    resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
-        gpu=config["bridge"]["gpus"],
-    params:
-        spec=generation_spec("ddib"),
-        work=generation_work,
-    shell:
-        "python -m cellflow.cli generate ddib --spec {params.spec:q}"
-        " --manifest {input.manifest} --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --out {output.folder} --work {params.work}"
-        " --threads {threads} --log {log}"
-
-
-rule baseline_adm:
-    input:
-        unpack(generation_inputs),
-    output:
-        folder=directory("results/{dataset}/trajectories/adm"),
-    log:
-        "logs/{dataset}/baseline_adm.log",
-    benchmark:
-        "results/{dataset}/benchmarks/baseline_adm.tsv"
-    conda:
-        "../../environment.yaml"
-    threads: 4
-    resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
-        gpu=config["bridge"]["gpus"],
-    params:
-        spec=generation_spec("adm"),
-        work=generation_work,
-    shell:
-        "python -m cellflow.cli generate adm --spec {params.spec:q}"
-        " --manifest {input.manifest} --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --out {output.folder} --work {params.work}"
-        " --threads {threads} --log {log}"
+        "python -m cellflow.cli generate {wildcards.method} --spec {params.spec:q}"
+        " --manifest {input.manifest} {params.models} --out {output.folder}"
+        " --work {params.work} --threads {threads} --log {log}"

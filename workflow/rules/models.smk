@@ -1,11 +1,20 @@
-# Model stage: per dataset, the class-conditional diffusion model and the noise-aware classifier.
+# Model stage: per dataset, the class-conditional diffusion model and the noise-aware classifier,
+# trained here or given as pretrained (datasets.<name>.pretrained: then use_pretrained checks
+# and writes it in their place, and the training rule is never planned for that dataset).
 # Checkpoints live in results/{dataset}/checkpoints/, outside the declared outputs: Snakemake
 # deletes the outputs of a failed job, and the retry resumes from the latest checkpoint.
 
+# A training rule only ever matches datasets that train this model (its constraint); where
+# both could make a path, training wins.
+ruleorder: train_diffusion > use_pretrained
+ruleorder: train_classifier > use_pretrained
+
 
 rule train_diffusion:
+    wildcard_constraints:
+        dataset=choice(trained_datasets("diffusion")),
     input:
-        manifest="results/{dataset}/data/manifest.tsv",
+        unpack(training_inputs("diffusion")),
     output:
         model=report(
             directory("results/{dataset}/models/diffusion"),
@@ -36,8 +45,10 @@ rule train_diffusion:
 
 
 rule train_classifier:
+    wildcard_constraints:
+        dataset=choice(trained_datasets("classifier")),
     input:
-        manifest="results/{dataset}/data/manifest.tsv",
+        unpack(training_inputs("classifier")),
     output:
         model=report(
             directory("results/{dataset}/models/classifier"),
@@ -65,3 +76,28 @@ rule train_classifier:
         "{params.launcher} cellflow.cli train classifier --spec {params.spec:q}"
         " --manifest {input.manifest} --out {output.model}"
         " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+
+
+rule use_pretrained:
+    wildcard_constraints:
+        model="diffusion|classifier|decoder",
+    input:
+        unpack(pretrained_inputs),
+    output:
+        model=directory("results/{dataset}/models/{model}"),
+    log:
+        "logs/{dataset}/use_pretrained_{model}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/use_pretrained_{model}.tsv"
+    conda:
+        "../../environment.yaml"
+    threads: 4
+    resources:
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(60),
+        gpu=config["bridge"]["gpus"],
+    params:
+        spec=pretrained_spec,
+    shell:
+        "python -m cellflow.cli use-pretrained --spec {params.spec:q}"
+        " --manifest {input.manifest} --out {output.model} --threads {threads} --log {log}"
