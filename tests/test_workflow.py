@@ -49,7 +49,11 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
     config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
     config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
-    config["downstream"].update(strategies={"none": {}, "cellflow": {}}, seeds=[0])
+    # the classifier-free variant too, so that a fourth method flows through every stage
+    config["diffusion"]["label_dropout"] = 0.2
+    config["generation"] = {"methods": ["cellflow", "cellflow_cfg", "ddib", "adm"]}
+    config["downstream"].update(strategies={"none": {}, "cellflow": {}, "cellflow_cfg": {}},
+                                seeds=[0])
     config["downstream"]["train"].update(epochs=1, batch_size=8)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -79,6 +83,26 @@ def test_one_dataset_can_be_selected_on_the_command_line(tmp_path):
                      check=False)
     assert typo.returncode != 0
     assert "paper.yaml + --config: only_datasets: unknown dataset 'mhsit'" in typo.stdout
+
+
+def test_a_pretrained_model_replaces_its_training_job(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    given = tmp_path / "given"
+    (given / "unet").mkdir(parents=True)
+    config["datasets"]["synthetic"]["pretrained"] = {"diffusion": {"path": str(given)},
+                                                     "decoder": {"path": str(given)}}
+    path = tmp_path / "pretrained.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan = snakemake(tmp_path, "-n", "-p", "--configfile", str(path))
+    counts = job_counts(plan.stdout)
+    assert "train_diffusion" not in counts and counts["train_classifier"] == 1
+    assert counts["use_pretrained"] == 2  # the diffusion model and the decoder
+    # the bridge methods decode with the decoder; ADM samples with the diffusion model alone
+    commands = [line for line in plan.stdout.splitlines() if "cellflow.cli generate" in line]
+    assert len(commands) == 3
+    for command in commands:
+        assert ("--decoder results/synthetic/models/decoder" in command) == (
+            " generate adm " not in command), command
 
 
 def test_misspelt_key_fails_naming_it(tmp_path):
@@ -286,7 +310,7 @@ def test_the_memorization_check_covers_every_generative_method(demo_run):
         assert {"ratio_pixel", "ratio_domain", "nearest_id_pixel"} <= set(neighbours.columns)
     summary = pd.read_csv(workdir / "results" / "synthetic" / "figures" / "tables"
                           / "memorization.tsv", sep="\t", keep_default_na=False)
-    assert set(summary["method"]) == {"real", "cellflow", "ddib", "adm"}
+    assert set(summary["method"]) == {"real", "cellflow", "cellflow_cfg", "ddib", "adm"}
     assert "flags" in summary.columns
 
 

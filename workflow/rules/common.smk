@@ -81,6 +81,8 @@ wildcard_constraints:
 # Settings that only size a job (a cluster time limit, a device count). They stay out of every
 # job's params, so raising a time limit after a time-out never replans finished work.
 RESOURCE_KEYS = ("runtime_minutes", "gpus")
+
+
 def canonical(value):
     """A copy with every dict in sorted key order: Snakemake compares params as printed, so a
     config that lists the same values in another order must print the same."""
@@ -161,7 +163,11 @@ def data_outputs(dataset):
 def model_outputs(dataset):
     return [
         f"results/{dataset}/models/{model}"
-        for model in ("diffusion", "classifier", *config["datasets"][dataset]["pretrained"])
+        for model in (
+            "diffusion",
+            "classifier",
+            *config["datasets"][dataset]["pretrained"],
+        )
     ]
 
 
@@ -219,7 +225,10 @@ def pretrained_spec(wildcards):
 def model_folder(dataset, model):
     """A model folder a generation job reads: diffusion, classifier, or the decoder UNet,
     which is the diffusion model unless the dataset names a pretrained one."""
-    if model == "decoder" and "decoder" not in config["datasets"][dataset]["pretrained"]:
+    if (
+        model == "decoder"
+        and "decoder" not in config["datasets"][dataset]["pretrained"]
+    ):
         return None
     return f"results/{dataset}/models/{model}"
 
@@ -262,7 +271,8 @@ def generative_methods(dataset):
     return [
         name
         for name in config["generation"]["methods"]
-        if DATASETS[dataset].transitions or not GENERATION_METHODS[name].from_transitions
+        if DATASETS[dataset].transitions
+        or not GENERATION_METHODS[name].from_transitions
     ]
 
 
@@ -521,7 +531,9 @@ def job_benchmarks(wildcards):
             per_dataset += [rules.analyse_trajectories, rules.temporal_coherence]
         files += [rule.benchmark.format(dataset=dataset) for rule in per_dataset]
         files += expand(
-            rules.generate.benchmark, dataset=dataset, method=generative_methods(dataset)
+            rules.generate.benchmark,
+            dataset=dataset,
+            method=generative_methods(dataset),
         )
         files += expand(
             rules.train_downstream.benchmark,

@@ -4,6 +4,7 @@
 # Checkpoints live in results/{dataset}/checkpoints/, outside the declared outputs: Snakemake
 # deletes the outputs of a failed job, and the retry resumes from the latest checkpoint.
 
+
 # A training rule only ever matches datasets that train this model (its constraint); where
 # both could make a path, training wins.
 ruleorder: train_diffusion > use_pretrained
@@ -11,8 +12,6 @@ ruleorder: train_classifier > use_pretrained
 
 
 rule train_diffusion:
-    wildcard_constraints:
-        dataset=choice(trained_datasets("diffusion")),
     input:
         unpack(training_inputs("diffusion")),
     output:
@@ -27,6 +26,8 @@ rule train_diffusion:
         "logs/{dataset}/train_diffusion.log",
     benchmark:
         "results/{dataset}/benchmarks/train_diffusion.tsv"
+    wildcard_constraints:
+        dataset=choice(trained_datasets("diffusion")),
     conda:
         "../../environment.yaml"
     threads: 4
@@ -45,8 +46,6 @@ rule train_diffusion:
 
 
 rule train_classifier:
-    wildcard_constraints:
-        dataset=choice(trained_datasets("classifier")),
     input:
         unpack(training_inputs("classifier")),
     output:
@@ -61,6 +60,8 @@ rule train_classifier:
         "logs/{dataset}/train_classifier.log",
     benchmark:
         "results/{dataset}/benchmarks/train_classifier.tsv"
+    wildcard_constraints:
+        dataset=choice(trained_datasets("classifier")),
     conda:
         "../../environment.yaml"
     threads: 4
@@ -79,8 +80,6 @@ rule train_classifier:
 
 
 rule use_pretrained:
-    wildcard_constraints:
-        model="diffusion|classifier|decoder",
     input:
         unpack(pretrained_inputs),
     output:
@@ -89,6 +88,8 @@ rule use_pretrained:
         "logs/{dataset}/use_pretrained_{model}.log",
     benchmark:
         "results/{dataset}/benchmarks/use_pretrained_{model}.tsv"
+    wildcard_constraints:
+        model="diffusion|classifier|decoder",
     conda:
         "../../environment.yaml"
     threads: 4
