@@ -1,4 +1,5 @@
-"""Parameter counts of our UNet and classifier next to guided-diffusion's, at ADM's settings.
+"""Our UNet and classifier next to guided-diffusion's: parameter counts at ADM's settings, and
+what converted guided-diffusion weights compute (cellflow.guided_diffusion).
 
 Needs the test-only extra guided-diffusion-sdk (openai/guided-diffusion's unet.py, packaged):
 
@@ -8,21 +9,35 @@ The 256 px row is OpenAI's public class-conditional ImageNet configuration (chan
 multipliers 1,1,2,2,4,4, attention at 32, 16 and 8 px, 64-channel heads, scale-shift norm,
 BigGAN up/down), with 2 classes, as a pathology dataset has, and without learned sigma: our
 UNet predicts epsilon only (ADM with ``learn_sigma`` has 3 more output channels).
+
+The conversion table gives random guided-diffusion weights (every zero-initialised output
+layer and GroupNorm perturbed, so no block is an identity) to the converter and compares, in
+float32, epsilon (the first 3 output channels), the classifier's logits and the guidance
+gradient grad_x log p(y | x_t) (autograd through guided-diffusion's model against
+cellflow.classifier.class_log_prob_gradient) at 5 timesteps, for both qkv orders: at the
+demo-sized 32 px configuration, and at the layout of OpenAI's public 64x64 model (3 ResBlocks a
+level, attention at 32, 16 and 8 px, 64-channel heads, learned sigma; its classifier 4 ResBlocks
+deep) at a width of 64 instead of 192 (classifier: 64 instead of 128). For scale, the table
+gives the largest |epsilon| and |gradient|, and how far our own float32 epsilon lies from the
+same network's in float64: the differences are float32 rounding, not a mapping error.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
 
 from benchmarks.machine import record
-from cellflow.classifier import NoiseAwareClassifier
-from cellflow.diffusion import UNetArchitecture, build_unet
+from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient
+from cellflow.diffusion import UNetArchitecture, build_unet, predict_epsilon
+from cellflow.guided_diffusion import convert_classifier, convert_unet, parse_unet_flags
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from guided_diffusion import unet as adm
+    from guided_diffusion.script_util import create_model
 
 # name: (resolution, channels, attention downsampling rates, head channels)
 CONFIGS = {
@@ -59,6 +74,112 @@ def main() -> None:
                          "equal": count(reference) == count(ours)})
             del reference, ours
     record("adm", "Parameter counts against guided-diffusion (guided-diffusion-sdk 1.0.0)", rows)
+    record("adm", "Converted guided-diffusion weights against guided-diffusion (float32, "
+                  "random weights)", conversion_rows())
+
+
+# name: (UNet flags, classifier: (width, channel_mult, depth, attention rates, head channels))
+CONVERSIONS = {
+    "demo-sized 32 px": (
+        "--image_size 32 --num_channels 32 --channel_mult 1,2,2 --num_res_blocks 2 "
+        "--attention_resolutions 8 --num_head_channels 32 --class_cond True "
+        "--resblock_updown True --use_scale_shift_norm True",
+        (32, (1, 2, 2), 2, (4,), 32)),
+    "public 64x64 layout, width 64": (
+        "--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 "
+        "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 64 "
+        "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
+        "--use_scale_shift_norm True",
+        (64, (1, 2, 3, 4), 4, (2, 4, 8), 64)),
+}
+TIMESTEPS = (0, 250, 500, 750, 999)
+
+
+def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values for guided-diffusion's zero-initialised layers and GroupNorm weights."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+            elif parameter.ndim == 1 and bool((parameter == 1).all()):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return module.eval()
+
+
+def conversion_rows() -> list[dict[str, object]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small networks: more threads only spin on a shared machine
+    try:
+        return _conversion_rows()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _conversion_rows() -> list[dict[str, object]]:
+    classes = ["normal", "tumor"]
+    rows = []
+    for name, (unet_flags, (width, mult, depth, rates, head)) in CONVERSIONS.items():
+        for order in ("legacy", "new"):
+            flags = f"{unet_flags} --use_new_attention_order {order == 'new'}"
+            parsed = parse_unet_flags(flags)
+            torch.manual_seed(0)
+            reference = create_model(**{key: getattr(parsed, key) for key in (
+                "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
+                "class_cond", "attention_resolutions", "num_heads", "num_head_channels",
+                "use_scale_shift_norm", "resblock_updown", "use_new_attention_order")})
+            reference.label_emb = torch.nn.Embedding(2, reference.label_emb.embedding_dim)
+            perturb(reference)
+            unet, _ = convert_unet(reference.state_dict(), flags, classes)
+            unet64 = copy.deepcopy(unet).double()  # the yardstick: our own float32 rounding
+
+            size = parsed.image_size
+            classifier_reference = perturb(adm.EncoderUNetModel(
+                image_size=size, in_channels=3, model_channels=width, out_channels=2,
+                num_res_blocks=depth, attention_resolutions=rates, channel_mult=mult,
+                num_head_channels=head, use_scale_shift_norm=True, resblock_updown=True,
+                pool="attention", use_new_attention_order=order == "new"))
+            classifier_flags = (
+                f"--image_size {size} --classifier_width {width} --classifier_depth {depth} "
+                f"--classifier_channel_mult {','.join(map(str, mult))} "
+                f"--classifier_attention_resolutions {','.join(str(size // r) for r in rates)} "
+                f"--classifier_num_head_channels {head}")
+            classifier, _ = convert_classifier(classifier_reference.state_dict(),
+                                               classifier_flags, classes, qkv_order=order)
+
+            worst = {"eps": 0.0, "eps_scale": 0.0, "rounding": 0.0, "logit": 0.0,
+                     "gradient": 0.0, "gradient_scale": 0.0}
+            generator = torch.Generator().manual_seed(1)
+            labels = torch.tensor([0, 1, 1, 0])
+            for t in TIMESTEPS:
+                x = torch.randn(4, 3, size, size, generator=generator)
+                steps = torch.full((4,), t)
+                with torch.no_grad():
+                    theirs = reference(x, steps, labels)[:, :3]
+                    mine = predict_epsilon(unet, x, steps, labels)
+                    exact = predict_epsilon(unet64, x.double(), steps, labels)
+                    logits = classifier_reference(x, steps), classifier(x, steps)
+                x_in = x.clone().requires_grad_(True)
+                chosen = torch.log_softmax(classifier_reference(x_in, steps), -1).gather(
+                    1, labels[:, None]).sum()
+                (expected,) = torch.autograd.grad(chosen, x_in)
+                gradient = class_log_prob_gradient(classifier, x, steps, labels)
+                worst["eps"] = max(worst["eps"], float((theirs - mine).abs().max()))
+                worst["eps_scale"] = max(worst["eps_scale"], float(theirs.abs().max()))
+                worst["rounding"] = max(worst["rounding"], float((mine - exact).abs().max()))
+                worst["logit"] = max(worst["logit"], float((logits[0] - logits[1]).abs().max()))
+                worst["gradient"] = max(worst["gradient"],
+                                        float((expected - gradient).abs().max()))
+                worst["gradient_scale"] = max(worst["gradient_scale"],
+                                              float(expected.abs().max()))
+            rows.append({"configuration": name, "qkv order": order,
+                         "max abs eps difference": f"{worst['eps']:.1e}",
+                         "(max abs eps)": f"{worst['eps_scale']:.2f}",
+                         "(ours: float32 vs float64)": f"{worst['rounding']:.1e}",
+                         "max abs logit difference": f"{worst['logit']:.1e}",
+                         "max abs guidance-gradient difference": f"{worst['gradient']:.1e}",
+                         "(max abs gradient)": f"{worst['gradient_scale']:.1e}"})
+    return rows
 
 
 if __name__ == "__main__":

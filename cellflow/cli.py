@@ -351,6 +351,42 @@ def figures(args: argparse.Namespace) -> int:
     return 0
 
 
+def numbered_classes(checkpoint: str) -> list[str]:
+    """'0', '1', ... for each class row of a checkpoint, in its label order."""
+    from cellflow.guided_diffusion import GuidedDiffusionError, load_checkpoint
+    from cellflow.pretrained import class_rows
+
+    rows = class_rows(load_checkpoint(checkpoint))
+    if rows is None:
+        raise GuidedDiffusionError(f"{checkpoint}: no class rows (an unconditional model?)")
+    return [str(index) for index in range(rows)]
+
+
+def import_guided_diffusion(args: argparse.Namespace) -> int:
+    """Convert guided-diffusion checkpoints into model folders (cellflow.guided_diffusion)."""
+    from cellflow.guided_diffusion import GuidedDiffusionError, convert_files, describe_conversion
+
+    def split(text: str) -> list[str]:
+        return [name.strip() for name in text.split(",") if name.strip()]
+
+    checkpoint_classes = split(args.checkpoint_classes) if args.checkpoint_classes else None
+    try:
+        # No class order of ours (a model of other classes, to fine-tune from): keep the
+        # checkpoint's, named by --checkpoint-classes or numbered.
+        classes = (split(args.classes) if args.classes
+                   else checkpoint_classes or numbered_classes(args.unet or args.classifier))
+        record = convert_files(
+            args.out, classes, unet=args.unet, unet_flags=args.unet_flags,
+            classifier=args.classifier, classifier_flags=args.classifier_flags,
+            checkpoint_classes=checkpoint_classes or (None if args.classes else classes),
+            qkv_order=args.qkv_order)
+    except (GuidedDiffusionError, FileNotFoundError) as err:
+        print(f"import-guided-diffusion: {err}", file=sys.stderr)
+        return 1
+    print(describe_conversion(record, args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -458,7 +494,28 @@ def main(argv: list[str] | None = None) -> int:
     draw.add_argument("--out", required=True, help="figure path without suffix")
     draw.add_argument("--table", help="table path without suffix (summaries)")
     draw.add_argument("--log", help="write logging to this file")
+    gd = commands.add_parser("import-guided-diffusion",
+                             help="convert openai guided-diffusion checkpoints into model folders")
+    gd.add_argument("--unet", help="guided-diffusion UNet checkpoint (.pt state dict)")
+    gd.add_argument("--unet-flags", default="",
+                    help="its flags as in guided-diffusion's README (MODEL_FLAGS), quoted "
+                         "(a lone --flag=value needs --unet-flags=...)")
+    gd.add_argument("--classifier", help="guided-diffusion classifier checkpoint (.pt)")
+    gd.add_argument("--classifier-flags", default="",
+                    help="its flags (CLASSIFIER_FLAGS), quoted")
+    gd.add_argument("--classes",
+                    help="our class order, comma-separated (the config's dataset classes); "
+                         "omitted: the checkpoint's order, to fine-tune from (init_from)")
+    gd.add_argument("--checkpoint-classes",
+                    help="the checkpoint's label order, comma-separated (default: the class "
+                         "names sorted, guided-diffusion's order)")
+    gd.add_argument("--qkv-order", choices=["legacy", "new"],
+                    help="attention qkv layout (default: from use_new_attention_order)")
+    gd.add_argument("--out", required=True,
+                    help="folder for diffusion/, classifier/ and conversion.json")
     args = parser.parse_args(argv)
+    if args.command == "import-guided-diffusion":
+        return import_guided_diffusion(args)
     if args.command == "figures":
         return figures(args)
     if args.command == "evaluate":

@@ -316,8 +316,7 @@ def _channel_mult(text: str, image_size: int, flag: str) -> tuple[float, ...]:
             raise GuidedDiffusionError(
                 f"--{flag} is empty and guided-diffusion has no default channel multipliers for "
                 f"--image_size {image_size} (only {sorted(_DEFAULT_CHANNEL_MULT)}); pass them, "
-                "e.g. --{flag} 1,2,2 (improved-diffusion's 32 px models use 1,2,2,2)"
-                .replace("{flag}", flag))
+                f"e.g. --{flag} 1,2,2 (improved-diffusion's 32 px models use 1,2,2,2)")
         return _DEFAULT_CHANNEL_MULT[image_size]
     try:
         return tuple(int(part) for part in text.split(","))
@@ -385,12 +384,17 @@ def _unet_layout(flags: UNetFlags) -> _Layout:
     if len(head_dims) > 1:
         raise GuidedDiffusionError(
             f"--num_heads {flags.num_heads} (with --num_head_channels -1, --num_heads_upsample "
-            f"{flags.num_heads_upsample}) gives attention heads of {sorted(head_dims)} channels "
-            f"at the attention widths {sorted({w for _, w, _ in per_layer})}; diffusers' "
-            "UNet2DModel has one attention_head_dim for every level, so this checkpoint has no "
-            "exact diffusers equivalent (not supported)")
+            f"{flags.num_heads_upsample}) gives attention heads of {_joined(head_dims)} "
+            f"channels at the attention widths {_joined({w for _, w, _ in per_layer})}; "
+            "diffusers' UNet2DModel has one attention_head_dim for every level, so this "
+            "checkpoint has no exact diffusers equivalent (not supported)")
     return _Layout(widths, flags.num_res_blocks, levels, head_dims.pop(),
                    flags.use_scale_shift_norm, flags.resblock_updown)
+
+
+def _joined(numbers: set[int]) -> str:
+    values = [str(number) for number in sorted(numbers)]
+    return ", ".join(values[:-1]) + f" and {values[-1]}" if len(values) > 1 else values[0]
 
 
 def _check_diffusion_flags(flags: UNetFlags | ClassifierFlags) -> None:
@@ -474,7 +478,7 @@ def _encoder_prefixes(layout: _Layout, resample_kind: str) -> list[tuple[str, st
 
 
 def _unet_prefixes(layout: _Layout) -> list[tuple[str, str, str]]:
-    resample = "resnet" if layout.resblock_updown else "same"
+    resample = "resnet" if layout.resblock_updown else "conv"
     pairs = _encoder_prefixes(layout, resample)
     pairs.append(("class_embedding", "label_emb", "classes"))
     block = 0
@@ -557,8 +561,11 @@ def _plan(model: torch.nn.Module, prefixes: list[tuple[str, str, str]], qkv_orde
         elif kind in ("same", "classes"):
             plan[key] = _Source(f"{theirs}.{rest}", shape, _identity, kind == "classes")
         elif kind == "head":  # Linear (K, C) <- 1x1 conv (K, C, 1, 1)
-            plan[key] = _Source(f"{theirs}.{rest}", shape + (1, 1) * (rest == "weight"),
-                                lambda t: t.reshape(t.shape[0], -1), True)
+            weight = rest == "weight"
+            plan[key] = _Source(f"{theirs}.{rest}", shape + (1, 1) * weight,
+                                (lambda t: t[:, :, 0, 0]) if weight else _identity, True)
+        elif kind == "conv":  # Downsample2D / Upsample2D: conv.X <- op.X / conv.X
+            plan[key] = _Source(f"{theirs}.{rest.split('.', 1)[1]}", shape, _identity)
         elif kind == "resnet":
             part, param = rest.split(".", 1)
             plan[key] = _Source(f"{theirs}.{_RESNET[part]}.{param}", shape, _identity)
@@ -614,8 +621,6 @@ def _class_order(classes: Sequence[str], checkpoint_classes: Sequence[str] | Non
                  source: str) -> tuple[list[str], list[int]]:
     """The checkpoint's class order and, for each of our labels, its checkpoint label."""
     classes = list(classes)
-    if len(set(classes)) != len(classes) or not classes:
-        raise GuidedDiffusionError(f"classes must be distinct names, got {classes}")
     order = sorted(classes) if checkpoint_classes is None else list(checkpoint_classes)
     if rows != len(classes):
         raise GuidedDiffusionError(
@@ -629,6 +634,12 @@ def _class_order(classes: Sequence[str], checkpoint_classes: Sequence[str] | Non
         raise GuidedDiffusionError(f"class {absent[0]!r} is not among checkpoint_classes "
                                    f"{order}")
     return order, [order.index(name) for name in classes]
+
+
+def _check_classes(classes: Sequence[str]) -> None:
+    if isinstance(classes, str) or len(set(classes)) != len(classes) or len(classes) < 2:
+        raise GuidedDiffusionError(f"classes must be at least 2 distinct names, got "
+                                   f"{classes!r}")
 
 
 def _qkv_choice(qkv_order: str | None, new_by_flags: bool, flag: str) -> tuple[str, str]:
@@ -692,6 +703,7 @@ def convert_unet(state_dict: Mapping[str, torch.Tensor], flags: FlagSource | UNe
     class mapping, key and parameter counts, the architecture and the noise schedule.
     """
     flags = parse_unet_flags(flags)
+    _check_classes(classes)
     if not flags.class_cond:
         raise GuidedDiffusionError(
             "--class_cond False: Cellflow needs a class-conditional diffusion model (it moves "
@@ -737,6 +749,7 @@ def convert_classifier(state_dict: Mapping[str, torch.Tensor],
     up/down ResBlocks and the ``attention`` and ``adaptive`` (our ``mean``) pools.
     """
     flags = parse_classifier_flags(flags)
+    _check_classes(classes)
     for flag in ("classifier_use_scale_shift_norm", "classifier_resblock_updown"):
         if not getattr(flags, flag):
             raise GuidedDiffusionError(f"--{flag} False: Cellflow's classifier has scale-shift "
@@ -762,7 +775,7 @@ def convert_classifier(state_dict: Mapping[str, torch.Tensor],
         raise GuidedDiffusionError(f"--classifier_num_head_channels {head} must divide the "
                                    f"attention widths {attended}")
     layout = _Layout(widths, flags.classifier_depth, levels, head, True, True)
-    order, order_source = _qkv_choice(qkv_order, False, "create_classifier (legacy)")
+    order, order_source = _qkv_choice(qkv_order, False, "create_classifier")
     pool = pools[flags.classifier_pool]
     model = NoiseAwareClassifier(sample_size=flags.image_size, num_classes=len(classes),
                                  block_out_channels=widths, layers_per_block=layout.blocks,
@@ -771,7 +784,8 @@ def convert_classifier(state_dict: Mapping[str, torch.Tensor],
     class_key = "out.2.c_proj.weight" if pool == "attention" else "out.3.weight"
     embedding = state_dict.get("out.2.positional_embedding")
     expected = (widths[-1], (flags.image_size // 2 ** (len(widths) - 1)) ** 2 + 1)
-    if pool == "attention" and embedding is not None and tuple(embedding.shape) != expected:
+    if (pool == "attention" and embedding is not None and embedding.ndim == 2
+            and embedding.shape[0] == expected[0] and embedding.shape[1] != expected[1]):
         side = math.isqrt(max(embedding.shape[-1] - 1, 0))
         raise GuidedDiffusionError(
             f"the classifier checkpoint's attention pool is for {side}x{side} features "
@@ -900,9 +914,8 @@ def describe_conversion(record: Mapping[str, Any], out_dir: str | Path) -> str:
                      f"({entry['qkv_order_source']}), {entry['keys']['checkpoint']} tensors)")
         if name == "unet":
             schedule = entry["noise_schedule"]
-            lines.append(f"  noise schedule: {schedule['beta_schedule']}, "
-                         f"{schedule['num_train_timesteps']} steps "
-                         f"(diffusion/scheduler; set noise_schedule in the config to match)")
+            lines.append("  noise schedule (diffusion/scheduler; the config's noise_schedule "
+                         f"must match): {json.dumps(schedule)}")
         if entry.get("ignored_flags"):
             lines.append(f"  ignored (no effect on weights): {', '.join(entry['ignored_flags'])}")
     first = next(iter(record["models"].values()))

@@ -101,20 +101,19 @@ def _convert(path: Path, entry: Mapping[str, Any], kind: str, key: str,
     flags_text = entry.get("adm_flags", "")
     checkpoint_classes = entry.get("checkpoint_classes")
     try:
+        names = _conversion_classes(classes, checkpoint_classes, class_rows(state), key)
+        # the checkpoint's own order where none of ours is asked for
+        order = checkpoint_classes if classes is not None or checkpoint_classes else names
         if kind == "diffusion":
             flags = guided_diffusion.parse_unet_flags(flags_text)
-            names = _conversion_classes(classes, checkpoint_classes,
-                                        _rows(state, "label_emb.weight"), key)
             model, report = guided_diffusion.convert_unet(
-                state, flags, names, checkpoint_classes=checkpoint_classes,
+                state, flags, names, checkpoint_classes=order,
                 qkv_order=entry.get("qkv_order"))
             schedule = dict(guided_diffusion.noise_schedule(flags).ddpm().config)
         else:
             flags = guided_diffusion.parse_classifier_flags(flags_text)
-            names = _conversion_classes(classes, checkpoint_classes,
-                                        _classifier_rows(state), key)
             model, report = guided_diffusion.convert_classifier(
-                state, flags, names, checkpoint_classes=checkpoint_classes,
+                state, flags, names, checkpoint_classes=order,
                 qkv_order=entry.get("qkv_order"))
             schedule = None
     except (KeyError, ValueError) as error:
@@ -124,12 +123,9 @@ def _convert(path: Path, entry: Mapping[str, Any], kind: str, key: str,
                       {"path": str(path), "format": "guided-diffusion", "conversion": report})
 
 
-def _rows(state: Mapping[str, torch.Tensor], name: str) -> int | None:
-    return int(state[name].shape[0]) if name in state else None
-
-
-def _classifier_rows(state: Mapping[str, torch.Tensor]) -> int | None:
-    for name in ("out.2.c_proj.bias", "out.3.bias", "out.2.bias"):
+def class_rows(state: Mapping[str, torch.Tensor]) -> int | None:
+    """How many classes a guided-diffusion UNet or classifier state dict has rows for."""
+    for name in ("label_emb.weight", "out.2.c_proj.bias", "out.3.bias", "out.2.bias"):
         if name in state:
             return int(state[name].shape[0])
     return None

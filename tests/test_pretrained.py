@@ -198,3 +198,71 @@ def run_config_with_dataset(**dataset) -> dict:
     config = run_config()
     config["datasets"]["toy"].update(dataset)
     return validate_config(config)
+
+
+# A guided-diffusion checkpoint at the toy dataset's 16 px (guided-diffusion's GroupNorm needs
+# widths that are multiples of 32).
+ADM_FLAGS = ("--image_size 16 --num_channels 32 --channel_mult 1,2 --num_res_blocks 1 "
+             "--attention_resolutions 8 --num_head_channels 32 --class_cond True "
+             "--resblock_updown True --use_scale_shift_norm True --learn_sigma True")
+
+
+def guided_diffusion_checkpoint(path: Path, classes: int) -> Path:
+    import warnings
+
+    from cellflow.guided_diffusion import parse_unet_flags
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from guided_diffusion.script_util import create_model
+    flags = parse_unet_flags(ADM_FLAGS)
+    torch.manual_seed(3)
+    model = create_model(**{name: getattr(flags, name) for name in (
+        "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
+        "class_cond", "attention_resolutions", "num_heads", "num_head_channels",
+        "num_heads_upsample", "use_scale_shift_norm", "dropout", "resblock_updown",
+        "use_new_attention_order")})
+    model.label_emb = torch.nn.Embedding(classes, model.label_emb.embedding_dim)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_a_1000_class_guided_diffusion_checkpoint_fine_tunes(manifest, tmp_path):
+    checkpoint = guided_diffusion_checkpoint(tmp_path / "imagenet.pt", 1000)
+    entry = {"path": str(checkpoint), "adm_flags": ADM_FLAGS,
+             "checkpoint_classes": PRETRAINED_CLASSES}
+    model, report = for_fine_tuning(entry, "diffusion", ["neoplastic", "mitosis", "normal"],
+                                    "diffusion.init_from")
+    assert model.config.num_class_embeds == 3 and model.config.out_channels == 6
+    state = torch.load(checkpoint, weights_only=True)
+    rows = model.class_embedding.weight.detach()
+    assert torch.equal(rows[0], state["label_emb.weight"][17])
+    assert torch.equal(rows[2], state["label_emb.weight"][503])
+    assert report["fresh"] == ["mitosis"]
+
+    config = run_config(diffusion={"init_from": entry})
+    config["diffusion"]["train"].update(steps=20, learning_rate=1e-3, checkpoint_every=20,
+                                        warmup_steps=1)
+    spec = StageSpec(DatasetConfig.from_dict("toy", config["datasets"]["toy"]), NoiseSchedule(),
+                     config["diffusion"], 0)
+    result = train_diffusion(spec, manifest, tmp_path / "out", tmp_path / "checkpoints")
+    losses = result.log["loss"].to_numpy()
+    assert losses[-8:].mean() < losses[:4].mean(), losses
+
+
+def test_a_guided_diffusion_checkpoint_is_converted_by_the_pretrained_job(manifest, tmp_path):
+    checkpoint = guided_diffusion_checkpoint(tmp_path / "mhist.pt", 2)
+    spec = pretrained_spec("diffusion", checkpoint)
+    spec["pretrained"]["adm_flags"] = ADM_FLAGS
+    use_pretrained(spec, manifest, tmp_path / "diffusion")
+    record = json.loads((tmp_path / "diffusion" / "pretrained.json").read_text())
+    assert record["format"] == "guided-diffusion"
+    # guided-diffusion numbered the classes by sorted name: neoplastic 0, normal 1; ours are
+    # normal 0, neoplastic 1, so the label rows swap
+    unet = UNet2DModel.from_pretrained(tmp_path / "diffusion" / "unet")
+    state = torch.load(checkpoint, weights_only=True)
+    assert torch.equal(unet.class_embedding.weight.detach()[0], state["label_emb.weight"][1])
+    spec["pretrained"]["adm_flags"] = ADM_FLAGS.replace("--num_res_blocks 1",
+                                                        "--num_res_blocks 2")
+    with pytest.raises(ValueError, match="datasets.toy.pretrained.diffusion: .*mhist.pt"):
+        use_pretrained(spec, manifest, tmp_path / "wrong")

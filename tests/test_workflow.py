@@ -183,9 +183,15 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     assert len(pd.read_csv(trajectories / "ddib" / "manifest.tsv", sep="\t")) == 2
     assert len(pd.read_csv(trajectories / "adm" / "manifest.tsv", sep="\t")) == 3
     assert (trajectories / "cellflow" / "strips" / "normal-to-hyperplastic.png").is_file()
+    guided_free = json.loads((trajectories / "cellflow_cfg" / "generation.json").read_text())
+    assert guided_free["bridge"]["guidance"] == "free"
+    assert guided_free["classifier_evaluations"] == 0
+    # the null class: one label embedding more than classes
+    unet_config = json.loads((models / "diffusion" / "unet" / "config.json").read_text())
+    assert unet_config["num_class_embeds"] == 4
     summary = pd.read_csv(workdir / "results" / "synthetic" / "downstream" / "summary.tsv",
                           sep="\t")
-    assert set(summary["strategy"]) == {"none", "cellflow"}
+    assert set(summary["strategy"]) == {"none", "cellflow", "cellflow_cfg"}
     benchmark = pd.read_csv(workdir / "results" / "benchmarks" / "tiny" / "benchmark.tsv",
                             sep="\t")
     assert len(benchmark) == len(summary)
