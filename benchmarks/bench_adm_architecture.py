@@ -7,8 +7,8 @@ Needs the test-only extra guided-diffusion-sdk (openai/guided-diffusion's unet.p
 
 The 256 px row is OpenAI's public class-conditional ImageNet configuration (channels 256,
 multipliers 1,1,2,2,4,4, attention at 32, 16 and 8 px, 64-channel heads, scale-shift norm,
-BigGAN up/down), with 2 classes, as a pathology dataset has, and without learned sigma: our
-UNet predicts epsilon only (ADM with ``learn_sigma`` has 3 more output channels).
+BigGAN up/down), with 2 classes, as a pathology dataset has, and without learned sigma
+(``learn_sigma`` adds the same 3 output channels to both).
 
 The conversion table gives random guided-diffusion weights (every zero-initialised output
 layer and GroupNorm perturbed, so no block is an identity) to the converter and compares, in
@@ -29,6 +29,7 @@ import warnings
 
 import torch
 
+from benchmarks.adm_reference import perturb, reference_unet
 from benchmarks.machine import record
 from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient
 from cellflow.diffusion import UNetArchitecture, build_unet, predict_epsilon
@@ -37,7 +38,6 @@ from cellflow.guided_diffusion import convert_classifier, convert_unet, parse_un
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)
     from guided_diffusion import unet as adm
-    from guided_diffusion.script_util import create_model
 
 # name: (resolution, channels, attention downsampling rates, head channels)
 CONFIGS = {
@@ -95,18 +95,6 @@ CONVERSIONS = {
 TIMESTEPS = (0, 250, 500, 750, 999)
 
 
-def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random values for guided-diffusion's zero-initialised layers and GroupNorm weights."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            if not parameter.any():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-            elif parameter.ndim == 1 and bool((parameter == 1).all()):
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return module.eval()
-
-
 def conversion_rows() -> list[dict[str, object]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: more threads only spin on a shared machine
@@ -123,13 +111,7 @@ def _conversion_rows() -> list[dict[str, object]]:
         for order in ("legacy", "new"):
             flags = f"{unet_flags} --use_new_attention_order {order == 'new'}"
             parsed = parse_unet_flags(flags)
-            torch.manual_seed(0)
-            reference = create_model(**{key: getattr(parsed, key) for key in (
-                "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
-                "class_cond", "attention_resolutions", "num_heads", "num_head_channels",
-                "use_scale_shift_norm", "resblock_updown", "use_new_attention_order")})
-            reference.label_emb = torch.nn.Embedding(2, reference.label_emb.embedding_dim)
-            perturb(reference)
+            reference = reference_unet(flags, 2)
             unet, _ = convert_unet(reference.state_dict(), flags, classes)
             unet64 = copy.deepcopy(unet).double()  # the yardstick: our own float32 rounding
 

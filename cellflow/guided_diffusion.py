@@ -78,7 +78,21 @@ class CheckpointError(GuidedDiffusionError):
 
 
 @dataclass(frozen=True)
-class UNetFlags:
+class _DiffusionFlags:
+    """The diffusion flags of ``diffusion_defaults()``, which both flag sets include."""
+
+    learn_sigma: bool = False
+    diffusion_steps: int = 1000
+    noise_schedule: str = "linear"
+    timestep_respacing: str = ""
+    use_kl: bool = False
+    predict_xstart: bool = False
+    rescale_timesteps: bool = False
+    rescale_learned_sigmas: bool = False
+
+
+@dataclass(frozen=True)
+class UNetFlags(_DiffusionFlags):
     """guided-diffusion's ``model_and_diffusion_defaults()``, by name and default.
 
     ``sigma_small`` is improved-diffusion's (accepted so that its flag strings parse).
@@ -102,19 +116,11 @@ class UNetFlags:
     resblock_updown: bool = False
     use_fp16: bool = False
     use_new_attention_order: bool = False
-    learn_sigma: bool = False
-    diffusion_steps: int = 1000
-    noise_schedule: str = "linear"
-    timestep_respacing: str = ""
-    use_kl: bool = False
-    predict_xstart: bool = False
-    rescale_timesteps: bool = False
-    rescale_learned_sigmas: bool = False
     sigma_small: bool = False
 
 
 @dataclass(frozen=True)
-class ClassifierFlags:
+class ClassifierFlags(_DiffusionFlags):
     """guided-diffusion's ``classifier_and_diffusion_defaults()``, by name and default.
 
     Two Cellflow extensions name what ``create_classifier`` fixes, so that small classifiers
@@ -134,14 +140,6 @@ class ClassifierFlags:
     classifier_pool: str = "attention"
     classifier_channel_mult: str = ""
     classifier_num_head_channels: int = 64
-    learn_sigma: bool = False
-    diffusion_steps: int = 1000
-    noise_schedule: str = "linear"
-    timestep_respacing: str = ""
-    use_kl: bool = False
-    predict_xstart: bool = False
-    rescale_timesteps: bool = False
-    rescale_learned_sigmas: bool = False
 
 
 class Converted(NamedTuple):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from benchmarks.adm_reference import perturb, reference_unet
 from cellflow.checkpoint import file_sha256
 from cellflow.classifier import NoiseAwareClassifier, class_log_prob_gradient
 from cellflow.diffusion import predict_epsilon
@@ -31,7 +32,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # its torch.cuda.amp decorators
     from guided_diffusion import unet as adm
     from guided_diffusion.gaussian_diffusion import get_named_beta_schedule
-    from guided_diffusion.script_util import create_model
 
 # 32 px, widths 32/64/64, attention at 16 and 8 px with 16-channel heads (2 and 4 heads).
 UNET_FLAGS = ("--image_size 32 --num_channels 32 --channel_mult 1,2,2 --num_res_blocks 1 "
@@ -64,34 +64,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def perturb(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """guided-diffusion zero-initialises every ResBlock's and attention's output layer and the
-    final convolution, and GroupNorms start at (1, 0): give all of those random values, or
-    half the network would be an identity and a wrong mapping there could pass unnoticed."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            if not parameter.any():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-            elif parameter.ndim == 1 and bool((parameter == 1).all()):  # GroupNorm weight
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
-    return module.eval()
-
-
-def reference_unet(flags: str, classes: int, seed: int = 0) -> torch.nn.Module:
-    """guided-diffusion's create_model for ``flags`` (the way its scripts build it), with
-    ``classes`` label rows instead of ImageNet's 1000."""
-    parsed = parse_unet_flags(flags)
-    torch.manual_seed(seed)
-    model = create_model(**{name: getattr(parsed, name) for name in (
-        "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
-        "class_cond", "attention_resolutions", "num_heads", "num_head_channels",
-        "num_heads_upsample", "use_scale_shift_norm", "dropout", "resblock_updown",
-        "use_new_attention_order")})
-    model.label_emb = torch.nn.Embedding(classes, model.label_emb.embedding_dim)
-    return perturb(model, seed)
 
 
 def reference_classifier(pool: str, classes: int, new_order: bool = False, image_size: int = 32,
@@ -185,11 +157,7 @@ def test_the_public_256px_layout_accounts_for_every_key():
     """OpenAI's 256x256 model's layout (legacy qkv order), width cut to 32; its 1000 ImageNet
     rows are not our 2 classes (a clear error), 2 rows convert."""
     flags = PUBLIC_256 + " --num_channels 32"
-    parsed = parse_unet_flags(flags)
-    reference = create_model(**{name: getattr(parsed, name) for name in (
-        "image_size", "num_channels", "num_res_blocks", "learn_sigma", "class_cond",
-        "attention_resolutions", "num_head_channels", "use_scale_shift_norm",
-        "resblock_updown", "use_new_attention_order")})
+    reference = reference_unet(flags, 1000)
     state = reference.state_dict()
     with pytest.raises(GuidedDiffusionError, match=r"1000 classes .* but 2 classes were given"):
         convert_unet(state, flags, ["a", "b"])
@@ -431,3 +399,25 @@ def test_converted_folders_load_and_the_command_runs(tmp_path, capsys):
     assert set(record["models"]) == {"unet", "classifier"}
     assert record["models"]["classifier"]["source"] is None
     assert (out / "diffusion" / "unet").is_dir()
+
+
+def test_a_checkpoint_of_other_classes_converts_in_its_own_order_for_fine_tuning(tmp_path,
+                                                                                  capsys):
+    """Without --classes (a model to fine-tune from, e.g. ImageNet's): the checkpoint's label
+    order is kept, its classes numbered unless --checkpoint-classes names them."""
+    from cellflow.cli import main
+
+    reference = reference_unet(UNET_FLAGS, 3)
+    path = tmp_path / "other.pt"
+    torch.save(reference.state_dict(), path)
+    assert main(["import-guided-diffusion", "--unet", str(path), "--unet-flags", UNET_FLAGS,
+                 "--out", str(tmp_path / "numbered")]) == 0
+    record = json.loads((tmp_path / "numbered" / "conversion.json").read_text())
+    assert record["classes"] == ["0", "1", "2"]
+    unet = UNet2DModel.from_pretrained(tmp_path / "numbered" / "diffusion" / "unet")
+    assert torch.equal(unet.class_embedding.weight, reference.label_emb.weight)
+    assert main(["import-guided-diffusion", "--unet", str(path), "--unet-flags", UNET_FLAGS,
+                 "--checkpoint-classes", "zebra,ant,moth", "--out", str(tmp_path / "named")]) == 0
+    record = json.loads((tmp_path / "named" / "conversion.json").read_text())
+    assert record["classes"] == ["zebra", "ant", "moth"]  # not sorted: the checkpoint's order
+    capsys.readouterr()

@@ -12,6 +12,7 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
+from benchmarks.adm_reference import reference_unet
 from cellflow.classifier import NoiseAwareClassifier
 from cellflow.config import DatasetConfig, PrepareConfig, validate_config
 from cellflow.data import prepare_dataset
@@ -208,22 +209,7 @@ ADM_FLAGS = ("--image_size 16 --num_channels 32 --channel_mult 1,2 --num_res_blo
 
 
 def guided_diffusion_checkpoint(path: Path, classes: int) -> Path:
-    import warnings
-
-    from cellflow.guided_diffusion import parse_unet_flags
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from guided_diffusion.script_util import create_model
-    flags = parse_unet_flags(ADM_FLAGS)
-    torch.manual_seed(3)
-    model = create_model(**{name: getattr(flags, name) for name in (
-        "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
-        "class_cond", "attention_resolutions", "num_heads", "num_head_channels",
-        "num_heads_upsample", "use_scale_shift_norm", "dropout", "resblock_updown",
-        "use_new_attention_order")})
-    model.label_emb = torch.nn.Embedding(classes, model.label_emb.embedding_dim)
-    torch.save(model.state_dict(), path)
+    torch.save(reference_unet(ADM_FLAGS, classes, seed=3).state_dict(), path)
     return path
 
 
