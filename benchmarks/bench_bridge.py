@@ -22,7 +22,7 @@ from benchmarks.bridge_oracle import reference_trajectory
 from benchmarks.machine import record
 from cellflow.bridge import BridgeConfig, StairBridge
 from cellflow.diffusion import NoiseSchedule
-from cellflow.generate import load_models, pick_sources, read_images
+from cellflow.generation.common import load_classifier, load_unet, pick_sources, read_images
 
 RESULTS = Path("results/synthetic")
 
@@ -62,8 +62,8 @@ def main() -> None:
     if not (RESULTS / "models" / "diffusion").is_dir():
         raise SystemExit("no demo model: run `make demo` first (results/synthetic/models/)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    unet, classifier = load_models(RESULTS / "models" / "diffusion",
-                                   RESULTS / "models" / "classifier", device)
+    unet = load_unet(RESULTS / "models" / "diffusion", device)
+    classifier = load_classifier(RESULTS / "models" / "classifier", device)
     data = pd.read_csv(RESULTS / "data" / "manifest.tsv", sep="\t", keep_default_na=False)
     images = read_images(RESULTS / "data",
                          pick_sources(data, "normal", args.sources)["path"]).to(device)

@@ -60,8 +60,8 @@ def generate(method: str, spec_json: str, manifest: str, models: dict[str, str |
 
     from cellflow.config import DatasetConfig
     from cellflow.diffusion import NoiseSchedule
-    from cellflow.generate import GenerationJob
     from cellflow.generation import method as generation_method
+    from cellflow.generation.common import GenerationJob
 
     _job_setup(threads, log_file)
     chosen = generation_method(method)

@@ -245,12 +245,10 @@ def _toy_generation(models, tmp_path):
 
 
 def test_generation_stages_write_one_manifest_format(models, tmp_path):
-    from cellflow.generate import (
-        MANIFEST_COLUMNS,
-        generate_adm,
-        generate_cellflow,
-        generate_ddib,
-    )
+    from cellflow.generation.adm import generate_adm
+    from cellflow.generation.cellflow import generate_cellflow
+    from cellflow.generation.common import MANIFEST_COLUMNS
+    from cellflow.generation.ddib import generate_ddib
 
     dataset, bridge, models_dirs = _toy_generation(models, tmp_path)
     data = pd.read_csv(tmp_path / "data" / "manifest.tsv", sep="\t", keep_default_na=False)
@@ -296,7 +294,8 @@ def test_generation_stages_write_one_manifest_format(models, tmp_path):
 
 
 def test_a_killed_generation_job_resumes_to_identical_outputs(models, tmp_path, monkeypatch):
-    from cellflow.generate import generate_adm, generate_cellflow
+    from cellflow.generation.adm import generate_adm
+    from cellflow.generation.cellflow import generate_cellflow
 
     dataset, bridge, models_dirs = _toy_generation(models, tmp_path)
     bridge.update(inversion_steps=4, frames=2)

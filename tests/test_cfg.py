@@ -161,8 +161,8 @@ def test_cellflow_cfg_generation_writes_the_common_manifest(null_class_unet, cla
                                                             tmp_path):
     from cellflow.config import DatasetConfig, PrepareConfig, validate_config
     from cellflow.data import prepare_dataset
-    from cellflow.generate import MANIFEST_COLUMNS, GenerationJob
     from cellflow.generation import job_settings, method
+    from cellflow.generation.common import MANIFEST_COLUMNS, GenerationJob
     from cellflow.synthetic import generate_dataset
 
     null_class_unet.save_pretrained(tmp_path / "diffusion" / "unet")

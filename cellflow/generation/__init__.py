@@ -6,7 +6,7 @@ downstream strategies, the evaluation image sets and the figures all read it, so
 is one entry here and one function. It imports nothing heavy: the workflow reads it when it
 parses, and the entry points load their module only when a job runs.
 
-Every method writes ``<out>/manifest.tsv`` in the format of :mod:`cellflow.generate`.
+Every method writes ``<out>/manifest.tsv`` in the format of :mod:`cellflow.generation.common`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ METHODS: Mapping[str, GenerationMethod] = MappingProxyType({m.name: m for m in (
         "this project (shared/reference/cellflow-algorithm.md sections 4.1-4.8)",
         models=("diffusion", "classifier"), from_transitions=True, labels="soft",
         bridge="all", section=None, seeded=False,
-        entry_point="cellflow.generate:run_cellflow"),
+        entry_point="cellflow.generation.cellflow:run"),
     GenerationMethod(
         "cellflow_cfg", "stair-bridge trajectories, classifier-free guidance",
         "the upstream CFG variant (cellflow-algorithm.md section 4.11); Ho & Salimans 2022, "
@@ -62,19 +62,19 @@ METHODS: Mapping[str, GenerationMethod] = MappingProxyType({m.name: m for m in (
         # the classifier only measures p(target | frame) here; it never guides
         models=("diffusion", "classifier"), from_transitions=True, labels="soft",
         bridge="all", section="generation.cellflow_cfg", seeded=False,
-        entry_point="cellflow.generate:run_cellflow_cfg"),
+        entry_point="cellflow.generation.cellflow:run_cfg"),
     GenerationMethod(
         "ddib", "full DDIM inversion, unguided decoding with the target label",
         "Su et al. 2023 (ICLR), arXiv:2203.08382",
         models=("diffusion",), from_transitions=True, labels="hard",
         bridge="shared", section="baselines.ddib", seeded=False,
-        entry_point="cellflow.generate:run_ddib"),
+        entry_point="cellflow.generation.ddib:run"),
     GenerationMethod(
         "adm", "class-conditional DDIM samples with classifier guidance",
         "Dhariwal & Nichol 2021 (NeurIPS), arXiv:2105.05233",
         models=("diffusion", "classifier"), from_transitions=False, labels="hard",
         bridge="shared", section="baselines.adm", seeded=True,
-        entry_point="cellflow.generate:run_adm"),
+        entry_point="cellflow.generation.adm:run"),
 )})
 
 
