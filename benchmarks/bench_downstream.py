@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.machine import record
-from cellflow.augment import STRATEGIES, basic_augment, build_batch_augmentation, resolve_params
+from cellflow.augment import basic_augment, build_batch_augmentation
 from cellflow.config import load_config
 from cellflow.downstream import create_backbone
+from cellflow.strategies import STRATEGIES, resolve_params
 from cellflow.training import to_model_range
 
 SIZE, BATCH = 256, 16

@@ -1,14 +1,5 @@
-"""Augmentation strategies of the downstream benchmark, as one registry.
-
-Each strategy is a name in ``downstream.strategies`` with the defaults of its paper, so a
-config entry ``mixup: {}`` means "mixup as published" and every override is explicit. There
-are three kinds:
-
-* ``basic``: only :func:`basic_augment` (flips, 90-degree turns, mild colour jitter), which
-  every strategy applies first, so that the others differ from ``none`` by one thing only;
-* ``spatial``: a batch-level operation after the basic one (cutout and the mixing methods);
-* ``generative``: generated images join the training set (``ratio`` per real image); the
-  downstream trainer adds them, so they have no batch operation here.
+"""Augmentation strategies of the downstream benchmark: the batch operations of the spatial
+strategies (the registry of names, kinds and paper defaults is :mod:`cellflow.strategies`).
 
 Targets are soft label rows (generated trajectory frames carry soft labels), so the label
 mixing is written here rather than taken from timm's ``Mixup``, which expects class indices.
@@ -24,7 +15,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -32,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cellflow.generation import METHODS as GENERATION_METHODS
+from cellflow.strategies import resolve_params, strategy
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the SaliencyMix code uses
 SALIENCY_SIZE = 64  # Hou & Zhang's working width; OpenCV's spectral residual uses 64 x 64
@@ -45,68 +35,6 @@ BatchAugmentation = Callable[
 _Operation = Callable[
     [torch.Tensor, torch.Tensor, np.random.Generator, Mapping[str, Any]],
     tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Strategy:
-    name: str
-    kind: str  # "basic" | "spatial" | "generative"
-    defaults: Mapping[str, Any]  # documented defaults from the paper
-    reference: str  # paper, one line
-
-
-def _strategy(name: str, kind: str, reference: str, **defaults: Any) -> Strategy:
-    return Strategy(name, kind, MappingProxyType(defaults), reference)
-
-
-_GENERATIVE_RATIO = 1.0  # generated images per real training image
-
-STRATEGIES: Mapping[str, Strategy] = MappingProxyType({s.name: s for s in (
-    _strategy("none", "basic", "Tellez et al. 2019, Med. Image Anal. 58:101544, "
-              "arXiv:1902.06543 (flips, rotations, colour jitter)"),
-    # 16-px holes on 32-px CIFAR images; applied to every image.
-    _strategy("cutout", "spatial", "DeVries & Taylor 2017, arXiv:1708.04552",
-              size_fraction=0.5, prob=1.0),
-    # alpha 0.2 is the paper's ImageNet setting (CIFAR used 1.0).
-    _strategy("mixup", "spatial", "Zhang et al. 2018 (ICLR), arXiv:1710.09412",
-              alpha=0.2, prob=1.0),
-    # Beta(1, 1) and cutmix_prob 1.0 are the official ImageNet settings (CIFAR used 0.5).
-    _strategy("cutmix", "spatial", "Yun et al. 2019 (ICCV), arXiv:1905.04899",
-              alpha=1.0, prob=1.0),
-    # The official FMix defaults: alpha 1, decay power 3, binary masks, every batch.
-    _strategy("fmix", "spatial", "Harris et al. 2020, arXiv:2002.12047",
-              alpha=1.0, decay_power=3.0, prob=1.0),
-    # tau ~ U(0.1, 0.8) as in the paper; applied to every batch.
-    _strategy("resizemix", "spatial", "Qin et al. 2020, arXiv:2012.11101",
-              alpha=0.1, beta=0.8, prob=1.0),
-    # Beta(1, 1) and salmix_prob 1.0 are the official ImageNet settings (CIFAR used 0.5).
-    _strategy("saliencymix", "spatial", "Uddin et al. 2021 (ICLR), arXiv:2006.01791",
-              alpha=1.0, prob=1.0),
-    # every generation method is a strategy: its images join the real training split
-    *(_strategy(name, "generative", f"{method.summary}: {method.reference}",
-                ratio=_GENERATIVE_RATIO) for name, method in GENERATION_METHODS.items()),
-)})
-
-
-def strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown augmentation strategy '{name}'; valid names: "
-                         f"{', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name]
-
-
-def resolve_params(name: str, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The paper's defaults updated by ``overrides``; an unknown key is refused, not ignored.
-
-    A misspelt key silently falling back to the default would benchmark the wrong setting.
-    """
-    defaults = strategy(name).defaults
-    unknown = sorted(set(overrides or {}) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
-        raise ValueError(f"unknown parameter(s) {', '.join(repr(k) for k in unknown)} for "
-                         f"strategy '{name}'; allowed: {allowed}")
-    return {**defaults, **(overrides or {})}
 
 
 def numpy_rng(generator: torch.Generator) -> np.random.Generator:

@@ -9,6 +9,9 @@ from pathlib import Path
 from cellflow.config import ConfigError, dataset_configs, load_config
 from cellflow.generation import METHODS
 
+# The model folders a generation job may read, one --<name> option each.
+MODEL_ARGUMENTS = ("diffusion", "classifier", "decoder", "autoencoder", "ldm", "dit")
+
 
 def check_config(path: str) -> int:
     try:
@@ -42,14 +45,25 @@ def _job_setup(threads: int | None, log_file: str | None) -> None:
 
 
 def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
-          threads: int | None, log_file: str | None) -> int:
+          threads: int | None, log_file: str | None, autoencoder: str | None = None) -> int:
     """Train one model of one dataset; run under `accelerate launch` for several GPUs."""
     from cellflow.stages import StageSpec, train_classifier, train_diffusion
 
     _job_setup(threads, log_file)
     spec = StageSpec.from_json(spec_json)
-    stage = train_diffusion if model == "diffusion" else train_classifier
-    stage(spec, Path(manifest), Path(out), Path(checkpoints))
+    if model in ("diffusion", "classifier", "autoencoder"):
+        if model == "autoencoder":
+            from cellflow.autoencoder import train_autoencoder as stage
+        else:
+            stage = train_diffusion if model == "diffusion" else train_classifier
+        stage(spec, Path(manifest), Path(out), Path(checkpoints))
+        return 0
+    if autoencoder is None:
+        raise SystemExit(f"train {model}: needs --autoencoder (the latent autoencoder folder)")
+    from cellflow.latent import train_dit, train_ldm
+
+    latent_stage = train_ldm if model == "ldm" else train_dit
+    latent_stage(spec, Path(manifest), Path(autoencoder), Path(out), Path(checkpoints))
     return 0
 
 
@@ -64,11 +78,11 @@ def generate(method: str, spec_json: str, manifest: str, models: dict[str, str |
     from cellflow.generation.common import GenerationJob
 
     _job_setup(threads, log_file)
-    chosen = generation_method(method)
+    spec = json.loads(spec_json)
+    chosen = generation_method(method, spec["method"])
     missing = [name for name in chosen.models if not models.get(name)]
     if missing:
         raise SystemExit(f"generate {method}: needs --{' --'.join(missing)}")
-    spec = json.loads(spec_json)
     chosen.run(GenerationJob(
         dataset=DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"]),
         schedule=NoiseSchedule(**spec["noise_schedule"]),
@@ -393,17 +407,18 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file against the schema")
     check.add_argument("config", help="path to a YAML config, e.g. config/paper.yaml")
     fit = commands.add_parser("train", help="train the diffusion model or the classifier")
-    fit.add_argument("model", choices=["diffusion", "classifier"])
+    fit.add_argument("model", choices=["diffusion", "classifier", "autoencoder", "ldm", "dit"])
     fit.add_argument("--spec", required=True,
                      help="JSON: dataset_name, dataset, noise_schedule, settings, seed")
     fit.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     fit.add_argument("--out", required=True, help="output folder (replaced at the end)")
     fit.add_argument("--checkpoints", required=True,
                      help="folder for resumable checkpoints, outside the declared outputs")
+    fit.add_argument("--autoencoder", help="ldm, dit: the latent autoencoder folder (vae/)")
     fit.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
     fit.add_argument("--log", help="write logging and progress to this file")
     make = commands.add_parser("generate", help="Cellflow trajectories or a baseline")
-    make.add_argument("method", choices=list(METHODS))
+    make.add_argument("method", help=f"{', '.join(METHODS)}, or a generation.external entry")
     make.add_argument("--spec", required=True,
                       help="JSON: dataset_name, dataset, noise_schedule, bridge, method, seed")
     make.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
@@ -411,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--classifier", help="classifier folder (classifier/), if the method "
                                            "reads one")
     make.add_argument("--decoder", help="a second diffusion model folder that decodes")
+    make.add_argument("--autoencoder", help="latent autoencoder folder (vae/): ldm, dit")
+    make.add_argument("--ldm", help="latent diffusion model folder (model/)")
+    make.add_argument("--dit", help="diffusion transformer folder (model/)")
     make.add_argument("--out", required=True, help="output folder (replaced at the end)")
     make.add_argument("--work", help="folder for finished batches, so that a rerun resumes "
                                      "(outside the outputs; removed when they are complete)")
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--spec", required=True,
                        help="JSON: dataset_name, dataset, evaluation, feature_network, seed")
     score.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
-    score.add_argument("--image-set", choices=["real", *METHODS],
+    score.add_argument("--image-set",
                        help="cellularity, fidelity: real images or one method's")
     score.add_argument("--generated", help="a generation folder (trajectories/<method>)")
     score.add_argument("--features", help="fidelity, coherence: feature network weights")
@@ -524,15 +542,15 @@ def main(argv: list[str] | None = None) -> int:
         return downstream(args)
     if args.command == "generate":
         return generate(args.method, args.spec, args.manifest,
-                        {"diffusion": args.diffusion, "classifier": args.classifier,
-                         "decoder": args.decoder}, args.out, args.work, args.threads, args.log)
+                        {name: getattr(args, name) for name in MODEL_ARGUMENTS},
+                        args.out, args.work, args.threads, args.log)
     if args.command == "use-pretrained":
         return use_pretrained(args.spec, args.manifest, args.out, args.threads, args.log)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "train":
         return train(args.model, args.spec, args.manifest, args.out, args.checkpoints,
-                     args.threads, args.log)
+                     args.threads, args.log, args.autoencoder)
     raise AssertionError(args.command)
 
 

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import jsonschema
 import yaml
 
-from cellflow.generation import METHODS
+from cellflow.generation import METHODS, methods_of
+from cellflow.strategies import STRATEGIES
 
 # In a checkout a link to workflow/schemas/config.schema.yaml (the file Snakemake validates
 # with); in a built wheel a copy of it, so an installed cellflow checks configs too.
@@ -261,8 +262,21 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
 
 def _generation_problems(config: Mapping[str, Any]) -> Iterator[str]:
     methods = config["generation"]["methods"]
+    known = methods_of(config)
+    clashing = sorted(set(config["generation"]["external"]) & (set(METHODS) | set(STRATEGIES)))
+    for name in clashing:
+        yield (f"generation.external.{name}: the name is taken by a built-in method or "
+               "strategy; rename the entry")
+    for name in methods:
+        if name not in known:
+            yield (f"generation.methods: unknown method '{name}' (built in: "
+                   f"{', '.join(METHODS)}; or add it under generation.external)")
     for strategy in config["downstream"]["strategies"]:
-        if strategy in METHODS and strategy not in methods:
+        if strategy not in STRATEGIES and strategy not in known:
+            yield (f"downstream.strategies.{strategy}: unknown strategy (spatial: "
+                   f"{', '.join(name for name, s in STRATEGIES.items() if s.kind != 'generative')}"
+                   f"; generative: {', '.join(known)})")
+        elif strategy in known and strategy not in methods:
             yield (f"downstream.strategies.{strategy}: trains on the images of generation "
                    f"method '{strategy}', which generation.methods ({', '.join(methods)}) "
                    f"does not run")

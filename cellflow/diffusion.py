@@ -90,9 +90,11 @@ class UNetArchitecture:
 
 
 def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: int,
-               null_class: bool = False) -> UNet2DModel:
+               null_class: bool = False, channels: int = 3) -> UNet2DModel:
     """An ADM-style class-conditional UNet (see the module table for the mapping); with
-    ``null_class`` label ``num_classes`` is the unconditional one of classifier-free guidance."""
+    ``null_class`` label ``num_classes`` is the unconditional one of classifier-free guidance.
+    ``channels``: of the input and of epsilon (3 for RGB; an autoencoder's latent channels for
+    the latent diffusion baseline, cellflow.latent)."""
     levels = len(architecture.block_out_channels)
     bad = [level for level in architecture.attention_levels if not 0 <= level < levels]
     if bad:
@@ -107,8 +109,8 @@ def build_unet(architecture: UNetArchitecture, sample_size: int, num_classes: in
           for i in reversed(range(levels))]
     return UNet2DModel(
         sample_size=sample_size,
-        in_channels=3,
-        out_channels=6 if architecture.learn_sigma else 3,
+        in_channels=channels,
+        out_channels=2 * channels if architecture.learn_sigma else channels,
         down_block_types=tuple(down),
         up_block_types=tuple(up),
         block_out_channels=architecture.block_out_channels,

@@ -38,7 +38,7 @@ from sklearn.metrics import (
 from torchmetrics.functional.classification import multiclass_calibration_error
 from tqdm import tqdm
 
-from cellflow.augment import basic_augment, build_batch_augmentation, resolve_params, strategy
+from cellflow.augment import basic_augment, build_batch_augmentation
 from cellflow.checkpoint import (
     OPTIMIZER_FILE,
     load_optimizer_state,
@@ -49,6 +49,7 @@ from cellflow.checkpoint import (
 )
 from cellflow.data import load_images, load_split
 from cellflow.io import atomic_path, staged_directory, write_table, write_text
+from cellflow.strategies import resolve_params, strategy
 from cellflow.training import step_generator, to_model_range
 
 log = logging.getLogger(__name__)
@@ -195,8 +196,8 @@ def train_downstream(
     its last finished epoch to the same weights an uninterrupted run reaches; the checkpoint
     is removed once the run folder is written.
     """
-    chosen = strategy(strategy_name)
-    params = resolve_params(strategy_name, strategy_params)
+    chosen = strategy(strategy_name, generated=generated_dir is not None)
+    params = resolve_params(strategy_name, strategy_params, generated=generated_dir is not None)
     num_classes = len(classes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels = load_split(manifest, "train")

@@ -52,8 +52,11 @@ _STYLES: dict[str, tuple[str, str]] = {
     "ddib": ("#0072B2", "P"),
     "adm": ("#CC79A7", "X"),
     "cellflow_cfg": ("#8C2D04", "d"),  # a darker Cellflow: the same bridge, other guidance
+    "ldm": ("#117733", "*"),
+    "dit": ("#44AA99", "8"),
 }
-_EXTRA_COLOURS = ("#44AA99", "#DDCC77", "#AA4499", "#117733", "#88CCEE", "#661100")
+# For names outside the registry (external generators); none is a registered method's colour.
+_EXTRA_COLOURS = ("#DDCC77", "#AA4499", "#88CCEE", "#661100", "#EE7733", "#BBBBBB")
 _CLASS_COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000",
                   "#999933", "#882255")
 _BETTER, _WORSE = "#0072B2", "#E69F00"

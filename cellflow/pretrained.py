@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from cellflow.classifier import NoiseAwareClassifier
 from cellflow.diffusion import NoiseSchedule
@@ -46,8 +46,13 @@ class Pretrained:
 
 
 def kind_of(model_name: str) -> str:
-    """``diffusion`` for the diffusion model and the decoder UNet, else ``classifier``."""
-    return "classifier" if model_name == "classifier" else "diffusion"
+    """``diffusion`` for the diffusion model and the decoder UNet; ``classifier`` and
+    ``autoencoder`` for themselves."""
+    return model_name if model_name in ("classifier", "autoencoder") else "diffusion"
+
+
+# The folder inside a model folder that holds the diffusers model, per kind.
+INNER = {"diffusion": "unet", "classifier": "classifier", "autoencoder": "vae"}
 
 
 def load_pretrained(entry: Mapping[str, Any], kind: str, key: str,
@@ -60,20 +65,25 @@ def load_pretrained(entry: Mapping[str, Any], kind: str, key: str,
     path = Path(entry["path"])
     if not path.exists():
         raise FileNotFoundError(f"{key}.path: {path} does not exist")
+    if path.suffix == ".pt" and kind == "autoencoder":
+        raise ValueError(f"{key}.path: a latent autoencoder is read from a diffusers "
+                         f"AutoencoderKL folder (vae/), not a checkpoint file ({path})")
     if path.suffix == ".pt":
         return _convert(path, entry, kind, key, classes)
     return _read_folder(path, kind, key)
 
 
 def _read_folder(path: Path, kind: str, key: str) -> Pretrained:
-    """A diffusion folder holds unet/ (and scheduler/), a classifier folder classifier/."""
-    inner = path / ("unet" if kind == "diffusion" else "classifier")
+    """A diffusion folder holds unet/ (and scheduler/), a classifier folder classifier/, an
+    autoencoder folder vae/."""
+    inner = path / INNER[kind]
     if not (inner / "config.json").is_file():
         raise FileNotFoundError(
             f"{key}.path: {path} is not a {kind} model folder (no {inner.name}/config.json); "
             "convert a guided-diffusion checkpoint with `cellflow import-guided-diffusion`, "
             "or give the .pt with its adm_flags")
-    model_class = UNet2DModel if kind == "diffusion" else NoiseAwareClassifier
+    model_class = {"diffusion": UNet2DModel, "classifier": NoiseAwareClassifier,
+                   "autoencoder": AutoencoderKL}[kind]
     model = model_class.from_pretrained(inner)
     schedule = None
     if (path / "scheduler" / "scheduler_config.json").is_file():
@@ -148,6 +158,14 @@ def check_against_dataset(pretrained: Pretrained, kind: str, classes: Sequence[s
                           resolution: int, schedule: NoiseSchedule, key: str) -> None:
     """Refuse a model that cannot serve this dataset, naming what differs."""
     config = pretrained.model.config
+    if kind == "autoencoder":
+        factor = 2 ** (len(config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"{key}: the autoencoder downsamples by {factor}, which does not "
+                             f"divide the dataset's {resolution} px")
+        if not config.scaling_factor:
+            raise ValueError(f"{key}: the autoencoder's config has no scaling_factor")
+        return
     if config.sample_size != resolution:
         raise ValueError(f"{key}: the model is for {config.sample_size} px images, the dataset "
                          f"is prepared at {resolution} px (its resolution)")
@@ -255,7 +273,9 @@ def use_pretrained(spec: Mapping[str, Any], manifest: Path, out_dir: Path) -> Pr
     model = pretrained.model.eval()
     settings = spec["settings"]
     with staged_directory(out_dir) as staging:
-        if kind == "diffusion":
+        if kind == "autoencoder":
+            model.save_pretrained(staging / "vae")
+        elif kind == "diffusion":
             model.save_pretrained(staging / "unet")
             schedule.ddpm().save_pretrained(staging / "scheduler")
             samples = settings["samples"]

@@ -170,3 +170,28 @@ def test_an_installed_wheel_ships_the_config_schema(tmp_path):
                                             "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert "Cellflow pipeline configuration" in result.stdout
+
+
+def test_the_method_registry_and_the_config_check_agree():
+    """Every registered strategy and generation method (and a generation.external entry) is
+    valid in a config; any other name is refused, naming the known ones."""
+    from cellflow.generation import METHODS
+    from cellflow.strategies import STRATEGIES
+
+    base = {"datasets": {"toy": {"kind": "synthetic", "resolution": 32, "classes": ["a", "b"],
+                                 "transitions": [{"source": "a", "target": "b"}]}},
+            "diffusion": {"label_dropout": 0.1}}
+    external = {"stylegan_xl": {"root": "generated"}}
+    names = [*METHODS, "stylegan_xl"]
+    strategies = {name: {} for name in [*STRATEGIES, "stylegan_xl"]}
+    config = validate_config({**base, "generation": {"methods": names, "external": external},
+                              "downstream": {"strategies": strategies}})
+    assert config["generation"]["methods"] == names
+    assert set(STRATEGIES) - set(METHODS) == {"none", "cutout", "mixup", "cutmix", "fmix",
+                                              "resizemix", "saliencymix"}
+    with pytest.raises(ConfigError, match=r"generation.methods: unknown method 'stylegan'"):
+        validate_config({**base, "generation": {"methods": ["stylegan"]}})
+    with pytest.raises(ConfigError, match=r"downstream.strategies.mixpu: unknown strategy"):
+        validate_config({**base, "downstream": {"strategies": {"none": {}, "mixpu": {}}}})
+    with pytest.raises(ConfigError, match=r"generation.external.adm: the name is taken"):
+        validate_config({**base, "generation": {"external": {"adm": {"root": "x"}}}})

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -49,15 +50,47 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
     config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
     config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
-    # the classifier-free variant too, so that a fourth method flows through every stage
+    # every kind of generation method flows through every stage: the classifier-free
+    # variant, the latent baselines at toy size and an external generator's images
     config["diffusion"]["label_dropout"] = 0.2
-    config["generation"] = {"methods": ["cellflow", "cellflow_cfg", "ddib", "adm"]}
-    config["downstream"].update(strategies={"none": {}, "cellflow": {}, "cellflow_cfg": {}},
-                                seeds=[0])
+    config["generation"] = {
+        "methods": ["cellflow", "cellflow_cfg", "ddib", "adm", "ldm", "dit", "elsewhere"],
+        "external": {"elsewhere": {"root": str(external_images(tmp_path, config))}}}
+    short = {"steps": 3, "checkpoint_every": 2, "batch_size": 4}
+    config["autoencoder"] = {"model": {"factor": 4, "latent_channels": 3,
+                                       "block_out_channels": [16, 32, 32],
+                                       "layers_per_block": 1},
+                             "train": short, "eval": {"reconstructions": 2}}
+    config["ldm"] = {"model": {"block_out_channels": [32, 32], "layers_per_block": 1,
+                               "attention_levels": [1], "attention_head_dim": 32},
+                     "train": short, "samples": {"per_class": 1, "ddim_steps": 2}}
+    config["dit"] = {"model": {"size": "tiny", "patch_size": 2}, "train": short,
+                     "samples": {"per_class": 1, "ddim_steps": 2}}
+    for latent in ("ldm", "dit"):
+        config["baselines"][latent] = {"per_class": 1, "ddim_steps": 2}
+    config["downstream"].update(
+        strategies={"none": {}, "cellflow": {}, "cellflow_cfg": {}, "dit": {}, "elsewhere": {}},
+        seeds=[0])
     config["downstream"]["train"].update(epochs=1, batch_size=8)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def external_images(tmp_path: Path, config: dict) -> Path:
+    """Two images of every class at the dataset's resolution, as another generator's output."""
+    from PIL import Image
+
+    dataset = config["datasets"]["synthetic"]
+    root = tmp_path / "external"
+    rng = np.random.default_rng(0)
+    for name in dataset["classes"]:
+        folder = root / "synthetic" / name
+        folder.mkdir(parents=True)
+        for index in range(2):
+            pixels = rng.integers(0, 256, (dataset["resolution"],) * 2 + (3,), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
 
 
 def test_dry_run_of_the_demo_config(tmp_path):
@@ -103,6 +136,24 @@ def test_a_pretrained_model_replaces_its_training_job(tmp_path):
     for command in commands:
         assert ("--decoder results/synthetic/models/decoder" in command) == (
             " generate adm " not in command), command
+
+
+def test_the_generate_rule_plans_exactly_the_configured_methods(tmp_path):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["generation"] = {"methods": ["adm", "dit"]}
+    config["downstream"]["strategies"] = {"none": {}, "dit": {}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(config))
+    plan = snakemake(tmp_path, "-n", "--configfile", str(path))
+    methods = sorted(line.split("method=")[1].split(",")[0].strip()
+                     for line in plan.stdout.splitlines()
+                     if "wildcards:" in line and "method=" in line and "image_set" not in line
+                     and "dataset=synthetic, method=" in line)
+    counts = job_counts(plan.stdout)
+    assert counts["generate"] == 2 and set(methods) == {"adm", "dit"}
+    # the latent models are trained because DiT needs them; the LDM is not
+    assert counts["train_autoencoder"] == 1 and counts["train_latent"] == 1
+    assert "model=dit" in plan.stdout and "model=ldm" not in plan.stdout
 
 
 def test_misspelt_key_fails_naming_it(tmp_path):
@@ -191,7 +242,12 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     assert unet_config["num_class_embeds"] == 4
     summary = pd.read_csv(workdir / "results" / "synthetic" / "downstream" / "summary.tsv",
                           sep="\t")
-    assert set(summary["strategy"]) == {"none", "cellflow", "cellflow_cfg"}
+    assert set(summary["strategy"]) == {"none", "cellflow", "cellflow_cfg", "dit", "elsewhere"}
+    for latent in ("ldm", "dit"):
+        latent_manifest = pd.read_csv(trajectories / latent / "manifest.tsv", sep="\t")
+        assert len(latent_manifest) == 3 and set(latent_manifest["method"]) == {latent}
+    assert (models / "autoencoder" / "vae" / "config.json").is_file()
+    assert len(pd.read_csv(trajectories / "elsewhere" / "manifest.tsv", sep="\t")) == 6
     benchmark = pd.read_csv(workdir / "results" / "benchmarks" / "tiny" / "benchmark.tsv",
                             sep="\t")
     assert len(benchmark) == len(summary)
@@ -316,7 +372,8 @@ def test_the_memorization_check_covers_every_generative_method(demo_run):
         assert {"ratio_pixel", "ratio_domain", "nearest_id_pixel"} <= set(neighbours.columns)
     summary = pd.read_csv(workdir / "results" / "synthetic" / "figures" / "tables"
                           / "memorization.tsv", sep="\t", keep_default_na=False)
-    assert set(summary["method"]) == {"real", "cellflow", "cellflow_cfg", "ddib", "adm"}
+    assert set(summary["method"]) == {"real", "cellflow", "cellflow_cfg", "ddib", "adm", "ldm",
+                                      "dit", "elsewhere"}
     assert "flags" in summary.columns
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
-__all__ = ["METHODS", "GenerationMethod", "method", "job_settings"]
+__all__ = ["LATENT_MODELS", "METHODS", "GenerationMethod", "external_method", "job_settings",
+           "method", "methods_of"]
 
 # The bridge settings the one-shot baselines use; the rest (stairs, frames, soft labels,
 # classifier scale) are the Cellflow bridge's own.
@@ -35,8 +36,8 @@ class GenerationMethod:
     # every class from noise
     from_transitions: bool
     labels: Literal["soft", "hard"]
-    # "all" bridge settings, or only the "shared" schedule and batching ones
-    bridge: Literal["all", "shared"]
+    # "all" bridge settings, only the "shared" schedule and batching ones, or "none"
+    bridge: Literal["all", "shared", "none"]
     # its own config section, as a dotted path, or None
     section: str | None
     seeded: bool  # draws its own noise from the run's seed
@@ -75,29 +76,73 @@ METHODS: Mapping[str, GenerationMethod] = MappingProxyType({m.name: m for m in (
         models=("diffusion", "classifier"), from_transitions=False, labels="hard",
         bridge="shared", section="baselines.adm", seeded=True,
         entry_point="cellflow.generation.adm:run"),
+    GenerationMethod(
+        "ldm", "class-conditional latent diffusion, classifier-free guidance",
+        "Rombach et al. 2022 (CVPR), arXiv:2112.10752",
+        models=("autoencoder", "ldm"), from_transitions=False, labels="hard",
+        bridge="none", section="baselines.ldm", seeded=True,
+        entry_point="cellflow.generation.ldm:run"),
+    GenerationMethod(
+        "dit", "class-conditional diffusion transformer in latent space, classifier-free "
+        "guidance", "Peebles & Xie 2023 (ICCV), arXiv:2212.09748",
+        models=("autoencoder", "dit"), from_transitions=False, labels="hard",
+        bridge="none", section="baselines.dit", seeded=True,
+        entry_point="cellflow.generation.dit:run"),
 )})
 
+# Models that generation methods read beyond the diffusion model and the classifier, each
+# trained by its own rule: results/{dataset}/models/<name>.
+LATENT_MODELS = ("ldm", "dit")
 
-def method(name: str) -> GenerationMethod:
-    if name not in METHODS:
-        raise ValueError(f"unknown generation method '{name}' (known: {', '.join(METHODS)})")
-    return METHODS[name]
+
+def external_method(name: str, entry: Mapping[str, Any]) -> GenerationMethod:
+    """A ``generation.external`` entry: images made elsewhere (e.g. StyleGAN-XL), imported."""
+    return GenerationMethod(
+        name, "images generated outside the pipeline, imported per class",
+        entry.get("reference") or "external generator (generation.external)",
+        models=(), from_transitions=False, labels="hard", bridge="none",
+        section=f"generation.external.{name}", seeded=False,
+        entry_point="cellflow.generation.external:run")
+
+
+def methods_of(config: Mapping[str, Any]) -> dict[str, GenerationMethod]:
+    """The registry and this config's external entries, by name."""
+    external = config.get("generation", {}).get("external", {})
+    return {**METHODS, **{name: external_method(name, entry)
+                          for name, entry in external.items()}}
+
+
+def method(name: str, settings: Mapping[str, Any] | None = None) -> GenerationMethod:
+    """A registered method, or an external one given its ``generation.external`` entry."""
+    if name in METHODS:
+        return METHODS[name]
+    if settings is not None and "root" in settings:
+        return external_method(name, settings)
+    raise ValueError(f"unknown generation method '{name}' (known: {', '.join(METHODS)}, or a "
+                     "generation.external entry)")
 
 
 def job_settings(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """The settings of ``config`` that one method's job depends on, and nothing else, so that
     changing another method's settings never reruns this one."""
-    chosen = method(name)
+    known = methods_of(config)
+    if name not in known:
+        raise ValueError(f"unknown generation method '{name}' (known: {', '.join(known)})")
+    chosen = known[name]
     bridge = {key: value for key, value in config["bridge"].items()
               if key not in ("runtime_minutes", "gpus")}
     if chosen.bridge == "shared":
         bridge = {key: bridge[key] for key in SHARED_BRIDGE_KEYS}
+    elif chosen.bridge == "none":
+        bridge = {}
     settings: dict[str, Any] = {"bridge": bridge, "method": {}}
     if chosen.section is not None:
         node: Any = config
         for part in chosen.section.split("."):
             node = node[part]
-        settings["method"] = node
+        settings["method"] = dict(node)
+    if chosen.entry_point.startswith("cellflow.generation.external:"):
+        settings["method"]["name"] = name
     if chosen.seeded:
         settings["seed"] = config["seed"]
     return settings

@@ -16,7 +16,8 @@ from cellflow.config import (
     feature_network_run,
     validate_config,
 )
-from cellflow.generation import METHODS as GENERATION_METHODS
+from cellflow.generation import LATENT_MODELS
+from cellflow.generation import methods_of
 from cellflow.generation import job_settings as generation_job_settings
 from cellflow.keep import back_up, discard, restore_missing
 from cellflow.report import missing_front_page_message
@@ -63,6 +64,8 @@ def choice(names):
 
 
 DOWNSTREAM = config["downstream"]
+# The registry's methods and this config's external ones (cellflow.generation).
+GENERATION_METHODS = methods_of(config)
 GENERATIVE_STRATEGIES = tuple(GENERATION_METHODS)
 # What the evaluation rules measure: the real images, or one generative method's.
 IMAGE_SETS = ("real", *GENERATIVE_STRATEGIES)
@@ -160,20 +163,28 @@ def data_outputs(dataset):
     ]
 
 
+def needed_models(dataset):
+    """The models a dataset's jobs read: the diffusion model and the classifier always (the
+    evaluation and the figures use them), those of its generation methods, the given ones.
+    """
+    models = ["diffusion", "classifier"]
+    for method in generative_methods(dataset):
+        models += GENERATION_METHODS[method].models
+    models += list(config["datasets"][dataset]["pretrained"])
+    return list(dict.fromkeys(models))
+
+
 def model_outputs(dataset):
-    return [
-        f"results/{dataset}/models/{model}"
-        for model in (
-            "diffusion",
-            "classifier",
-            *config["datasets"][dataset]["pretrained"],
-        )
-    ]
+    return [f"results/{dataset}/models/{model}" for model in needed_models(dataset)]
 
 
 def trained_datasets(model):
     """The datasets whose model of this kind is trained here, not given as pretrained."""
-    return [name for name in DATASETS if model not in DATASETS_PRETRAINED[name]]
+    return [
+        name
+        for name in DATASETS
+        if model not in DATASETS_PRETRAINED[name] and model in needed_models(name)
+    ]
 
 
 DATASETS_PRETRAINED = {
@@ -263,6 +274,12 @@ def generation_spec(wildcards):
         },
         sort_keys=True,
     )
+
+
+def has_trajectories(dataset):
+    """Whether Cellflow trajectories are made for a dataset: the trajectory analyses, the
+    coherence measure and the trajectory figures read them."""
+    return "cellflow" in generative_methods(dataset)
 
 
 def generative_methods(dataset):
@@ -378,7 +395,7 @@ def evaluation_outputs(dataset):
     ]
     if dataset in SYNTHETIC_DATASETS:
         outputs.append(f"results/{dataset}/evaluation/cellularity_validation.tsv")
-    if DATASETS[dataset].transitions:
+    if has_trajectories(dataset):
         outputs += [
             f"results/{dataset}/evaluation/trajectories/summary.tsv",
             f"results/{dataset}/evaluation/coherence.tsv",
@@ -421,16 +438,36 @@ def training_spec(model):
 
 
 def training_inputs(model):
-    """The data manifest, and the model that init_from fine-tunes (a changed file retrains)."""
+    """The data manifest, the model that init_from fine-tunes (a changed file retrains), and
+    for a latent model the autoencoder it works in."""
 
     def inputs(wildcards):
+        name = model or wildcards.model
         paths = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
-        init_from = config[model].get("init_from")
+        init_from = config[name].get("init_from")
         if init_from is not None and os.path.exists(init_from["path"]):
             paths["init_from"] = init_from["path"]
+        if name in LATENT_MODELS:
+            paths["autoencoder"] = f"results/{wildcards.dataset}/models/autoencoder"
         return paths
 
     return inputs
+
+
+def latent_training_spec(wildcards):
+    return training_spec(wildcards.model)(wildcards)
+
+
+def latent_launcher(wildcards):
+    return python_launcher(wildcards.model)
+
+
+def latent_runtime(wildcards, attempt):
+    return config[wildcards.model]["train"]["runtime_minutes"] * attempt
+
+
+def latent_gpus(wildcards):
+    return config[wildcards.model]["train"]["gpus"]
 
 
 def python_launcher(model):
@@ -451,12 +488,12 @@ def stem(key):
 
 
 def trajectory_datasets():
-    return [name for name in DATASETS if DATASETS[name].transitions]
+    return [name for name in DATASETS if has_trajectories(name)]
 
 
 def dataset_figure_outputs(dataset):
     names = ["training_curves", "side_by_side", "memorization", "per_class"]
-    if DATASETS[dataset].transitions:
+    if has_trajectories(dataset):
         names += ["trajectory_strips", "cellularity_curves", "fourier_stairs"]
     if dataset in SYNTHETIC_DATASETS:
         names.append("cellularity_validation")
@@ -517,9 +554,15 @@ def job_benchmarks(wildcards):
         for model, training in (
             ("diffusion", rules.train_diffusion),
             ("classifier", rules.train_classifier),
+            ("autoencoder", rules.train_autoencoder),
         ):
-            if model not in config["datasets"][dataset]["pretrained"]:
+            if dataset in trained_datasets(model):
                 files.append(training.benchmark.format(dataset=dataset))
+        files += expand(
+            rules.train_latent.benchmark,
+            dataset=dataset,
+            model=[m for m in LATENT_MODELS if dataset in trained_datasets(m)],
+        )
         files += expand(
             rules.use_pretrained.benchmark,
             dataset=dataset,
@@ -527,7 +570,7 @@ def job_benchmarks(wildcards):
         )
         if dataset in SYNTHETIC_DATASETS:
             per_dataset += [rules.synthesize_dataset, rules.validate_cellularity]
-        if DATASETS[dataset].transitions:
+        if has_trajectories(dataset):
             per_dataset += [rules.analyse_trajectories, rules.temporal_coherence]
         files += [rule.benchmark.format(dataset=dataset) for rule in per_dataset]
         files += expand(

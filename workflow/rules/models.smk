@@ -9,6 +9,7 @@
 # both could make a path, training wins.
 ruleorder: train_diffusion > use_pretrained
 ruleorder: train_classifier > use_pretrained
+ruleorder: train_autoencoder > use_pretrained
 
 
 rule train_diffusion:
@@ -79,6 +80,75 @@ rule train_classifier:
         " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
 
 
+rule train_autoencoder:
+    input:
+        unpack(training_inputs("autoencoder")),
+    output:
+        model=report(
+            directory("results/{dataset}/models/autoencoder"),
+            patterns=["{name}.png"],
+            caption="../report/autoencoder.rst",
+            category="Models",
+            labels={"dataset": "{dataset}", "figure": "autoencoder {name}"},
+        ),
+    log:
+        "logs/{dataset}/train_autoencoder.log",
+    benchmark:
+        "results/{dataset}/benchmarks/train_autoencoder.tsv"
+    wildcard_constraints:
+        dataset=choice(trained_datasets("autoencoder")),
+    conda:
+        "../../environment.yaml"
+    threads: 4
+    resources:
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(config["autoencoder"]["train"]["runtime_minutes"]),
+        gpu=config["autoencoder"]["train"]["gpus"],
+    params:
+        spec=training_spec("autoencoder"),
+        launcher=python_launcher("autoencoder"),
+        checkpoints="results/{dataset}/checkpoints/autoencoder",
+    shell:
+        "{params.launcher} cellflow.cli train autoencoder --spec {params.spec:q}"
+        " --manifest {input.manifest} --out {output.model}"
+        " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+
+
+# The latent baselines' generators (LDM, DiT), in the autoencoder's latent space.
+rule train_latent:
+    input:
+        unpack(training_inputs(None)),
+    output:
+        model=report(
+            directory("results/{dataset}/models/{model}"),
+            patterns=["{name}.png"],
+            caption="../report/latent_model.rst",
+            category="Models",
+            labels={"dataset": "{dataset}", "figure": "{model} {name}"},
+        ),
+    log:
+        "logs/{dataset}/train_{model}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/train_{model}.tsv"
+    wildcard_constraints:
+        model="ldm|dit",
+    conda:
+        "../../environment.yaml"
+    threads: 4
+    resources:
+        mem_mb=attempt_scaled(8000),
+        runtime=latent_runtime,
+        gpu=latent_gpus,
+    params:
+        spec=latent_training_spec,
+        launcher=latent_launcher,
+        checkpoints="results/{dataset}/checkpoints/{model}",
+    shell:
+        "{params.launcher} cellflow.cli train {wildcards.model} --spec {params.spec:q}"
+        " --manifest {input.manifest} --autoencoder {input.autoencoder} --out {output.model}"
+        " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+
+
 rule use_pretrained:
     input:
         unpack(pretrained_inputs),
@@ -89,7 +159,7 @@ rule use_pretrained:
     benchmark:
         "results/{dataset}/benchmarks/use_pretrained_{model}.tsv"
     wildcard_constraints:
-        model="diffusion|classifier|decoder",
+        model="diffusion|classifier|decoder|autoencoder",
     conda:
         "../../environment.yaml"
     threads: 4
