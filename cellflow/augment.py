@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cellflow.strategies import resolve_params, strategy
+from cellflow.strategies import STRATEGIES, resolve_params, strategy
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # OpenCV's RGB2GRAY, as the SaliencyMix code uses
 SALIENCY_SIZE = 64  # Hou & Zhang's working width; OpenCV's spectral residual uses 64 x 64
@@ -74,8 +74,8 @@ def build_batch_augmentation(name: str, params: Mapping[str, Any]) -> BatchAugme
     applies the strategy with probability ``prob`` per batch; the mixing partner of each image
     is the image at the same place in a random permutation of the batch.
     """
-    if strategy(name).kind != "spatial":
-        return None
+    if name not in STRATEGIES or strategy(name).kind != "spatial":
+        return None  # an external generator's name is a generative strategy too
     settings = resolve_params(name, params)
     operation = _OPERATIONS[name]
 

@@ -797,13 +797,14 @@ def _class_cells(generated: GeneratedSet, class_name: str, per_method: int, real
                  Mapping[str, Path]) -> list[tuple[Path, str]]:
     """What one method shows for one class: images that count as it, labelled.
 
-    Cellflow shows one whole trajectory into the class (real source first), so that a reader
-    sees each stair next to where it started; other methods show their first images of it.
+    A trajectory method (several frames per source: Cellflow, either guidance) shows one whole
+    trajectory into the class (real source first), so that a reader sees each stair next to
+    where it started; other methods show their first images of it.
     """
     from cellflow.evaluate import hard_class
 
     table = generated.manifest
-    if generated.method == "cellflow":
+    if len(table) and int(table["frame_index"].max()) > 1:
         into = table[table["target_class"] == class_name].sort_values(["source_id",
                                                                        "frame_index"])
         if into.empty:

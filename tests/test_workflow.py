@@ -484,3 +484,19 @@ def test_a_failed_rerun_keeps_the_previous_result_and_the_next_run_redoes_it(dem
     plan = snakemake(workdir, "-n", target, "--configfile", str(config))
     assert "figure_per_class" in job_counts(plan.stdout)  # kept, but not taken as finished
     snakemake(workdir, "--cores", "1", target, "--configfile", str(config))
+
+
+@pytest.mark.slow
+def test_every_method_reports_the_counters_its_registry_entry_names(demo_run):
+    from cellflow.generation import methods_of
+
+    workdir, config = demo_run
+    methods = methods_of(yaml.safe_load(config.read_text()))
+    trajectories = workdir / "results" / "synthetic" / "trajectories"
+    for name in yaml.safe_load(config.read_text())["generation"]["methods"]:
+        summary = json.loads((trajectories / name / "generation.json").read_text())
+        assert set(methods[name].counters) <= set(summary), name
+        manifest = pd.read_csv(trajectories / name / "manifest.tsv", sep="\t")
+        trajectories_made = methods[name].writes == "trajectory frames"
+        assert summary["outputs"] == (manifest.groupby(["source_id", "target_class"]).ngroups
+                                      if trajectories_made else len(manifest)), name

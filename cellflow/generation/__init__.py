@@ -23,6 +23,9 @@ __all__ = ["LATENT_MODELS", "METHODS", "GenerationMethod", "external_method", "j
 # The bridge settings the one-shot baselines use; the rest (stairs, frames, soft labels,
 # classifier scale) are the Cellflow bridge's own.
 SHARED_BRIDGE_KEYS = ("inversion_steps", "timestep_spacing", "batch_size", "max_rows_per_call")
+BRIDGE_COUNTERS = ("unet_evaluations", "unet_calls", "sequential_rounds",
+                   "classifier_evaluations")
+LATENT_COUNTERS = ("model_evaluations", "model_calls", "decoder_evaluations")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class GenerationMethod:
     # every class from noise
     from_transitions: bool
     labels: Literal["soft", "hard"]
+    # what each output row is: a trajectory frame, a translated source, or a class sample
+    writes: Literal["trajectory frames", "translations", "class samples", "imported images"]
+    # the work counters of its generation.json
+    counters: tuple[str, ...]
     # "all" bridge settings, only the "shared" schedule and batching ones, or "none"
     bridge: Literal["all", "shared", "none"]
     # its own config section, as a dotted path, or None
@@ -54,6 +61,7 @@ METHODS: Mapping[str, GenerationMethod] = MappingProxyType({m.name: m for m in (
         "cellflow", "stair-bridge trajectories, classifier guidance",
         "this project (shared/reference/cellflow-algorithm.md sections 4.1-4.8)",
         models=("diffusion", "classifier"), from_transitions=True, labels="soft",
+        writes="trajectory frames", counters=BRIDGE_COUNTERS,
         bridge="all", section=None, seeded=False,
         entry_point="cellflow.generation.cellflow:run"),
     GenerationMethod(
@@ -62,30 +70,35 @@ METHODS: Mapping[str, GenerationMethod] = MappingProxyType({m.name: m for m in (
         "arXiv:2207.12598",
         # the classifier only measures p(target | frame) here; it never guides
         models=("diffusion", "classifier"), from_transitions=True, labels="soft",
+        writes="trajectory frames", counters=BRIDGE_COUNTERS,
         bridge="all", section="generation.cellflow_cfg", seeded=False,
         entry_point="cellflow.generation.cellflow:run_cfg"),
     GenerationMethod(
         "ddib", "full DDIM inversion, unguided decoding with the target label",
         "Su et al. 2023 (ICLR), arXiv:2203.08382",
         models=("diffusion",), from_transitions=True, labels="hard",
+        writes="translations", counters=BRIDGE_COUNTERS,
         bridge="shared", section="baselines.ddib", seeded=False,
         entry_point="cellflow.generation.ddib:run"),
     GenerationMethod(
         "adm", "class-conditional DDIM samples with classifier guidance",
         "Dhariwal & Nichol 2021 (NeurIPS), arXiv:2105.05233",
         models=("diffusion", "classifier"), from_transitions=False, labels="hard",
+        writes="class samples", counters=BRIDGE_COUNTERS,
         bridge="shared", section="baselines.adm", seeded=True,
         entry_point="cellflow.generation.adm:run"),
     GenerationMethod(
         "ldm", "class-conditional latent diffusion, classifier-free guidance",
         "Rombach et al. 2022 (CVPR), arXiv:2112.10752",
         models=("autoencoder", "ldm"), from_transitions=False, labels="hard",
+        writes="class samples", counters=LATENT_COUNTERS,
         bridge="none", section="baselines.ldm", seeded=True,
         entry_point="cellflow.generation.ldm:run"),
     GenerationMethod(
         "dit", "class-conditional diffusion transformer in latent space, classifier-free "
         "guidance", "Peebles & Xie 2023 (ICCV), arXiv:2212.09748",
         models=("autoencoder", "dit"), from_transitions=False, labels="hard",
+        writes="class samples", counters=LATENT_COUNTERS,
         bridge="none", section="baselines.dit", seeded=True,
         entry_point="cellflow.generation.dit:run"),
 )})
@@ -100,7 +113,8 @@ def external_method(name: str, entry: Mapping[str, Any]) -> GenerationMethod:
     return GenerationMethod(
         name, "images generated outside the pipeline, imported per class",
         entry.get("reference") or "external generator (generation.external)",
-        models=(), from_transitions=False, labels="hard", bridge="none",
+        models=(), from_transitions=False, labels="hard", writes="imported images",
+        counters=(), bridge="none",
         section=f"generation.external.{name}", seeded=False,
         entry_point="cellflow.generation.external:run")
 

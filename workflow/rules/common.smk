@@ -190,24 +190,23 @@ def trained_datasets(model):
 DATASETS_PRETRAINED = {
     name: config["datasets"][name]["pretrained"] for name in DATASETS
 }
-PRETRAINED_PAIRS = [
-    f"{name}/models/{model}"
-    for name, models in DATASETS_PRETRAINED.items()
-    for model in models
-]
 
 
 def pretrained_entry(wildcards):
-    return DATASETS_PRETRAINED[wildcards.dataset][wildcards.model]
+    """The dataset's entry for this model, or None: use_pretrained is asked about every model
+    path while the DAG is built, and a trained model is not its to make."""
+    return DATASETS_PRETRAINED.get(wildcards.dataset, {}).get(wildcards.model)
 
 
 def pretrained_inputs(wildcards):
     """The data manifest and the pretrained model (a folder or a .pt), where it exists: a
     missing one is left to the job to report with the config key that names it."""
-    path = pretrained_entry(wildcards)["path"]
+    entry = pretrained_entry(wildcards)
+    if entry is None:
+        return {}
     inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
-    if os.path.exists(path):
-        inputs["source"] = path
+    if os.path.exists(entry["path"]):
+        inputs["source"] = entry["path"]
     return inputs
 
 
@@ -256,10 +255,11 @@ def generation_inputs(wildcards):
 
 
 def generation_model_arguments(wildcards, input):
+    """--<model> <folder> for every model folder the job reads (all inputs but the data)."""
     return " ".join(
         f"--{model} {getattr(input, model)}"
-        for model in ("diffusion", "classifier", "decoder")
-        if model in input.keys()
+        for model in input.keys()
+        if model != "manifest"
     )
 
 
