@@ -90,8 +90,9 @@ def test_paper_jobs_request_gpus_only_where_networks_run(tmp_path):
             rule = None if rule == "all" else rule
         elif line.startswith("resources:") and rule:
             resources.setdefault(rule, set()).add(line)
-    gpu_rules = {"train_diffusion", "train_classifier", "generate", "train_downstream",
-                 "fidelity", "analyse_trajectories", "temporal_coherence", "memorization"}
+    gpu_rules = {"train_diffusion", "train_classifier", "train_autoencoder", "train_latent",
+                 "generate", "train_downstream", "fidelity", "analyse_trajectories",
+                 "temporal_coherence", "memorization"}
     for name, lines in resources.items():
         wants_gpu = any("gpu=1" in line for line in lines)
         assert wants_gpu == (name in gpu_rules), (name, lines)

@@ -51,26 +51,23 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
     config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
     # every kind of generation method flows through every stage: the classifier-free
-    # variant, the latent baselines at toy size and an external generator's images
+    # variant, a latent baseline at toy size (DiT; the LDM shares its code, tests/test_latent)
+    # and an external generator's images
     config["diffusion"]["label_dropout"] = 0.2
     config["generation"] = {
-        "methods": ["cellflow", "cellflow_cfg", "ddib", "adm", "ldm", "dit", "elsewhere"],
+        "methods": ["cellflow", "cellflow_cfg", "ddib", "adm", "dit", "elsewhere"],
         "external": {"elsewhere": {"root": str(external_images(tmp_path, config))}}}
     short = {"steps": 3, "checkpoint_every": 2, "batch_size": 4}
     config["autoencoder"] = {"model": {"factor": 4, "latent_channels": 3,
                                        "block_out_channels": [16, 32, 32],
                                        "layers_per_block": 1},
                              "train": short, "eval": {"reconstructions": 2}}
-    config["ldm"] = {"model": {"block_out_channels": [32, 32], "layers_per_block": 1,
-                               "attention_levels": [1], "attention_head_dim": 32},
-                     "train": short, "samples": {"per_class": 1, "ddim_steps": 2}}
     config["dit"] = {"model": {"size": "tiny", "patch_size": 2}, "train": short,
                      "samples": {"per_class": 1, "ddim_steps": 2}}
-    for latent in ("ldm", "dit"):
-        config["baselines"][latent] = {"per_class": 1, "ddim_steps": 2}
-    config["downstream"].update(
-        strategies={"none": {}, "cellflow": {}, "cellflow_cfg": {}, "dit": {}, "elsewhere": {}},
-        seeds=[0])
+    config["baselines"]["dit"] = {"per_class": 1, "ddim_steps": 2}
+    # a built-in generative strategy and an external one (their images are read alike)
+    config["downstream"].update(strategies={"none": {}, "cellflow": {}, "elsewhere": {}},
+                                seeds=[0])
     config["downstream"]["train"].update(epochs=1, batch_size=8)
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -242,10 +239,9 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     assert unet_config["num_class_embeds"] == 4
     summary = pd.read_csv(workdir / "results" / "synthetic" / "downstream" / "summary.tsv",
                           sep="\t")
-    assert set(summary["strategy"]) == {"none", "cellflow", "cellflow_cfg", "dit", "elsewhere"}
-    for latent in ("ldm", "dit"):
-        latent_manifest = pd.read_csv(trajectories / latent / "manifest.tsv", sep="\t")
-        assert len(latent_manifest) == 3 and set(latent_manifest["method"]) == {latent}
+    assert set(summary["strategy"]) == {"none", "cellflow", "elsewhere"}
+    latent_manifest = pd.read_csv(trajectories / "dit" / "manifest.tsv", sep="\t")
+    assert len(latent_manifest) == 3 and set(latent_manifest["method"]) == {"dit"}
     assert (models / "autoencoder" / "vae" / "config.json").is_file()
     assert len(pd.read_csv(trajectories / "elsewhere" / "manifest.tsv", sep="\t")) == 6
     benchmark = pd.read_csv(workdir / "results" / "benchmarks" / "tiny" / "benchmark.tsv",
@@ -372,8 +368,8 @@ def test_the_memorization_check_covers_every_generative_method(demo_run):
         assert {"ratio_pixel", "ratio_domain", "nearest_id_pixel"} <= set(neighbours.columns)
     summary = pd.read_csv(workdir / "results" / "synthetic" / "figures" / "tables"
                           / "memorization.tsv", sep="\t", keep_default_na=False)
-    assert set(summary["method"]) == {"real", "cellflow", "cellflow_cfg", "ddib", "adm", "ldm",
-                                      "dit", "elsewhere"}
+    assert set(summary["method"]) == {"real", "cellflow", "cellflow_cfg", "ddib", "adm", "dit",
+                                      "elsewhere"}
     assert "flags" in summary.columns
 
 
