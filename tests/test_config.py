@@ -195,3 +195,22 @@ def test_the_method_registry_and_the_config_check_agree():
         validate_config({**base, "downstream": {"strategies": {"none": {}, "mixpu": {}}}})
     with pytest.raises(ConfigError, match=r"generation.external.adm: the name is taken"):
         validate_config({**base, "generation": {"external": {"adm": {"root": "x"}}}})
+
+
+def test_the_baselines_overlay_is_a_valid_config_over_the_demo():
+    """config/demo-baselines.yaml only makes sense layered over the demo, as Snakemake merges
+    --configfile files: nested keys update, everything else is replaced."""
+
+    def merged(base: dict, overlay: dict) -> dict:
+        out = dict(base)
+        for key, value in overlay.items():
+            out[key] = (merged(base[key], value) if isinstance(value, dict)
+                        and isinstance(base.get(key), dict) else value)
+        return out
+
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    overlay = yaml.safe_load((REPO / "config" / "demo-baselines.yaml").read_text())
+    config = validate_config(merged(demo, overlay), source="demo + demo-baselines")
+    assert config["benchmark"] == "demo-baselines"
+    assert {"ldm", "dit"} <= set(config["generation"]["methods"])
+    assert {"ldm", "dit"} <= set(config["downstream"]["strategies"])
