@@ -365,20 +365,15 @@ def figures(args: argparse.Namespace) -> int:
     return 0
 
 
-def numbered_classes(checkpoint: str) -> list[str]:
-    """'0', '1', ... for each class row of a checkpoint, in its label order."""
-    from cellflow.guided_diffusion import GuidedDiffusionError, load_checkpoint
-    from cellflow.pretrained import class_rows
-
-    rows = class_rows(load_checkpoint(checkpoint))
-    if rows is None:
-        raise GuidedDiffusionError(f"{checkpoint}: no class rows (an unconditional model?)")
-    return [str(index) for index in range(rows)]
-
-
 def import_guided_diffusion(args: argparse.Namespace) -> int:
     """Convert guided-diffusion checkpoints into model folders (cellflow.guided_diffusion)."""
-    from cellflow.guided_diffusion import GuidedDiffusionError, convert_files, describe_conversion
+    from cellflow.guided_diffusion import (
+        GuidedDiffusionError,
+        convert_files,
+        describe_conversion,
+        load_checkpoint,
+    )
+    from cellflow.pretrained import class_rows, numbered_classes
 
     def split(text: str) -> list[str]:
         return [name.strip() for name in text.split(",") if name.strip()]
@@ -387,8 +382,9 @@ def import_guided_diffusion(args: argparse.Namespace) -> int:
     try:
         # No class order of ours (a model of other classes, to fine-tune from): keep the
         # checkpoint's, named by --checkpoint-classes or numbered.
-        classes = (split(args.classes) if args.classes
-                   else checkpoint_classes or numbered_classes(args.unet or args.classifier))
+        checkpoint = args.unet or args.classifier
+        classes = (split(args.classes) if args.classes else checkpoint_classes
+                   or numbered_classes(class_rows(load_checkpoint(checkpoint)), checkpoint))
         record = convert_files(
             args.out, classes, unet=args.unet, unet_flags=args.unet_flags,
             classifier=args.classifier, classifier_flags=args.classifier_flags,

@@ -149,8 +149,16 @@ def _conversion_classes(classes: Sequence[str] | None, checkpoint_classes: Seque
         return list(classes)
     if checkpoint_classes is not None:
         return list(checkpoint_classes)
+    return numbered_classes(rows, key)
+
+
+def numbered_classes(rows: int | None, source: str) -> list[str]:
+    """'0', '1', ... for each of a checkpoint's class rows (``class_rows``), in its order."""
+    from cellflow.guided_diffusion import GuidedDiffusionError
+
     if rows is None:
-        raise ValueError(f"{key}: the checkpoint has no class rows (an unconditional model?)")
+        raise GuidedDiffusionError(f"{source}: the checkpoint has no class rows (an "
+                                   "unconditional model?)")
     return [str(index) for index in range(rows)]
 
 
