@@ -41,9 +41,25 @@ onsuccess:
 localrules:
     all,
     figures,
+    doctor,
 
 
 rule all:
     default_target: True
     input:
         final_outputs(),
+
+
+# Preflight check before a long run: `snakemake doctor` (with --profile slurm, also the
+# cluster set-up). It makes no file, so it runs every time it is asked for.
+rule doctor:
+    log:
+        "logs/doctor.log",
+    conda:
+        "environment.yaml"
+    params:
+        configfiles=CONFIG_FILES or ["config/config.yaml"],
+        executor=lambda wildcards: getattr(workflow.executor_plugin, "name", "local"),
+    shell:
+        "python -m cellflow.cli doctor --configfile {params.configfiles:q}"
+        " --profile {params.executor} 2>&1 | tee {log}; exit ${{PIPESTATUS[0]}}"

@@ -233,6 +233,41 @@ def validate_against_ground_truth(
     return table, summary
 
 
+SCORE_COLUMN = "cellularity"
+
+
+def validate_against_scores(
+    manifest: pd.DataFrame, data_dir: Path, config: CellularityConfig = CellularityConfig(),
+    workers: int = 1,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Compare the measures with a pathologist's cellularity score (BreastPathQ's ``y``, the
+    share of the patch that is tumour cells), the real-data counterpart of the synthetic
+    validation. The score counts tumour cellularity only, so a rank correlation is the fair
+    summary: the measures count every nucleus, lymphocytes and stroma included.
+    """
+    if SCORE_COLUMN not in manifest.columns:
+        raise ValueError(f"manifest lacks the '{SCORE_COLUMN}' score column (BreastPathQ's)")
+    scored = manifest[pd.to_numeric(manifest[SCORE_COLUMN], errors="coerce").notna()]
+    if scored.empty:
+        raise ValueError("manifest has no image with a cellularity score")
+    data_dir = Path(data_dir)
+    measured = measure_images([data_dir / path for path in scored["path"]], config,
+                              progress_desc="cellularity vs score", workers=workers)
+    score = pd.to_numeric(scored[SCORE_COLUMN]).to_numpy()
+    table = scored[["path", "label_name", "split"]].reset_index(drop=True).assign(
+        score=score,
+        nuclei_count=measured["nuclei_count"].to_numpy(),
+        nuclear_area_fraction=measured["nuclear_area_fraction"].to_numpy(),
+    )
+    summary = {"images": len(table)}
+    for measure in ("nuclei_count", "nuclear_area_fraction"):
+        summary[f"spearman_{measure}_vs_score"] = float(
+            stats.spearmanr(table[measure], score).statistic)
+        summary[f"pearson_{measure}_vs_score"] = float(
+            stats.pearsonr(table[measure], score).statistic)
+    return table, summary
+
+
 def _check_rgb(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray):
         raise ValueError(f"expected an RGB H&E image as a numpy array, got {type(image).__name__}")

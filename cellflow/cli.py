@@ -198,10 +198,16 @@ def evaluate(args: argparse.Namespace) -> int:
         write_table(args.out, stages.cellularity(args.image_set, manifest, generated,
                                                  cellularity_config, workers))
     elif args.action == "validate-cellularity":
-        from cellflow.cellularity import validate_against_ground_truth
+        from cellflow.cellularity import (
+            SCORE_COLUMN,
+            validate_against_ground_truth,
+            validate_against_scores,
+        )
 
-        table, summary = validate_against_ground_truth(
-            read_table(manifest), manifest.parent, cellularity_config, workers)
+        prepared = read_table(manifest)
+        validate = (validate_against_scores if SCORE_COLUMN in prepared.columns
+                    else validate_against_ground_truth)
+        table, summary = validate(prepared, manifest.parent, cellularity_config, workers)
         write_table(args.out, table)
         write_text(Path(args.out).with_suffix(".json"), json.dumps(summary, indent=2))
     elif args.action == "fidelity":
@@ -397,11 +403,31 @@ def import_guided_diffusion(args: argparse.Namespace) -> int:
     return 0
 
 
+def doctor(args: argparse.Namespace) -> int:
+    from cellflow.doctor import run_doctor
+
+    findings = run_doctor(args.configfile, profile=args.profile, results=args.results,
+                          workflow_dir=Path(__file__).resolve().parent.parent)
+    for finding in findings:
+        print(finding.line(), flush=True)
+    problems = sum(finding.severity == "problem" for finding in findings)
+    print(f"{problems} problem(s)" if problems else "no problems found")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file against the schema")
     check.add_argument("config", help="path to a YAML config, e.g. config/paper.yaml")
+    preflight = commands.add_parser(
+        "doctor", help="preflight check of a run: data, weights, disk, SLURM, GPUs")
+    preflight.add_argument("--configfile", nargs="+", required=True,
+                           help="config file(s), merged in order as Snakemake merges them")
+    preflight.add_argument("--profile", help="the Snakemake profile the run will use (slurm: "
+                                             "also check the cluster set-up)")
+    preflight.add_argument("--results", default="results",
+                           help="where the run writes (for the free-disk check)")
     fit = commands.add_parser("train", help="train the diffusion model or the classifier")
     fit.add_argument("model", choices=["diffusion", "classifier", "autoencoder", "ldm", "dit"])
     fit.add_argument("--spec", required=True,
@@ -542,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                         args.out, args.work, args.threads, args.log)
     if args.command == "use-pretrained":
         return use_pretrained(args.spec, args.manifest, args.out, args.threads, args.log)
+    if args.command == "doctor":
+        return doctor(args)
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "train":

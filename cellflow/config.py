@@ -12,13 +12,14 @@ import copy
 import difflib
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
 import yaml
 
+from cellflow.datasets import KINDS as DATASET_KINDS
 from cellflow.generation import METHODS, methods_of
 from cellflow.strategies import STRATEGIES
 
@@ -96,13 +97,14 @@ class Transition:
 @dataclass(frozen=True)
 class DatasetConfig:
     name: str
-    kind: Literal["synthetic", "folder"]
+    kind: str  # a cellflow.datasets.KINDS entry
     resolution: int
     classes: tuple[str, ...]
     transitions: tuple[Transition, ...]
     split: SplitConfig
     synthetic: SyntheticConfig
     root: Path | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # the kind's reader settings
 
     @classmethod
     def from_dict(cls, name: str, raw: Mapping[str, Any]) -> DatasetConfig:
@@ -111,11 +113,12 @@ class DatasetConfig:
             name=name,
             kind=raw["kind"],
             resolution=raw["resolution"],
-            classes=tuple(raw["classes"]),
+            classes=tuple(raw.get("classes", ())),
             transitions=tuple(Transition(**pair) for pair in raw["transitions"]),
             split=SplitConfig.from_dict(raw["split"]),
             synthetic=SyntheticConfig(**raw["synthetic"]),
             root=Path(raw["root"]) if raw.get("root") else None,
+            options=dict(raw.get("options", {})),
         )
 
 
@@ -151,11 +154,24 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[s
     problems = [_describe(error) for error in validator.iter_errors(config)]
     if not problems:
         _fill_defaults(config, schema, schema)
+        _resolve_pool_exclusions(config)
         problems = list(_semantic_problems(config))
     if problems:
         lines = "\n".join(f"  {source}: {problem}" for problem in sorted(set(problems)))
         raise ConfigError(f"invalid configuration in {source}:\n{lines}")
     return config
+
+
+def _resolve_pool_exclusions(config: dict[str, Any]) -> None:
+    """An unlabelled pool's default leakage guard: the kinds of the config's other datasets."""
+    entries = config["datasets"]
+    for name, entry in entries.items():
+        options = entry.get("options", {})
+        if "exclude_overlap_with" in options and options["exclude_overlap_with"] is None:
+            options["exclude_overlap_with"] = sorted(
+                {other["kind"] for other_name, other in entries.items() if other_name != name
+                 and DATASET_KINDS[other["kind"]].labelled
+                 and other["kind"] not in ("folder", "synthetic")})
 
 
 def dataset_configs(config: Mapping[str, Any]) -> dict[str, DatasetConfig]:
@@ -217,6 +233,11 @@ def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, 
         for key, value in instance.items():
             if key not in schema.get("properties", {}):
                 _fill_defaults(value, extra, root)
+    for branch in schema.get("allOf", []):
+        # a conditional part (a dataset kind's options) fills its defaults where it applies
+        if "then" in branch and jsonschema.Draft202012Validator(
+                {**branch["if"], "$defs": root.get("$defs", {})}).is_valid(instance):
+            _fill_defaults(instance, branch["then"], root)
 
 
 def feature_network_run(config: Mapping[str, Any]) -> tuple[str, int]:
@@ -238,6 +259,14 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
         if name not in datasets:
             yield f"only_datasets: unknown dataset '{name}' (configured: {', '.join(datasets)})"
     for name, dataset in datasets.items():
+        yield from DATASET_KINDS[dataset["kind"]].config_problems(name, dataset)
+        if not DATASET_KINDS[dataset["kind"]].labelled:
+            # a pool is only prepared (and fitted on); it has no classes to translate
+            for key in ("transitions", "pretrained"):
+                if dataset[key]:
+                    yield (f"datasets.{name}.{key}: kind {dataset['kind']} is an unlabelled "
+                           "pool; it has no classes to model or translate")
+            continue
         classes = dataset["classes"]
         for index, transition in enumerate(dataset["transitions"]):
             for end in ("source", "target"):

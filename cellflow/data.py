@@ -7,12 +7,14 @@ all the ways raw data goes wrong are dealt with here, once, with messages that n
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -21,92 +23,25 @@ from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 from tqdm import tqdm
 
 from cellflow.config import DatasetConfig, GroupRule, PrepareConfig, SplitConfig
-from cellflow.io import save_png, staged_directory, write_table
+from cellflow.datasets import kind as dataset_kind
+from cellflow.datasets.common import (
+    IMAGE_EXTENSIONS,
+    SPLITS,
+    DataError,
+    Listing,
+    RawImage,
+    compare_with_published,
+)
+from cellflow.io import save_png, staged_directory, write_table, write_text
+
+__all__ = ["IMAGE_EXTENSIONS", "SPLITS", "DataError", "RawImage", "load_images", "load_split",
+           "prepare_dataset", "read_ground_truth", "to_rgb"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
-SPLITS = ("train", "val", "test")
 MANIFEST_COLUMNS = ["id", "path", "label", "label_name", "split", "source_path", "note",
                     "group"]
 GROUND_TRUTH_COLUMNS = ["progression", "nuclei_count", "nuclear_area_fraction", "mask_path"]
-
-
-class DataError(ValueError):
-    """Raw data that cannot be prepared; the message names the dataset and the file or class."""
-
-
-@dataclass(frozen=True)
-class RawImage:
-    source_path: Path
-    relative_path: str  # to the dataset root, '/'-separated: the stable identity of the image
-    label_name: str
-    official_split: str | None
-
-
-@dataclass(frozen=True)
-class Discovery:
-    root: Path
-    images: list[RawImage]
-    has_official_split: bool
-    ignored_files: list[tuple[Path, str]]  # with the reason
-
-
-def discover_class_folders(root: Path, classes: Sequence[str], dataset: str) -> Discovery:
-    """List the images of ``root/<class>/`` or, with an official split, ``root/<split>/<class>/``.
-
-    Files with other extensions are ignored (and reported); folders that are not a configured
-    class are ignored with a warning, so a config may select a subset of a dataset's classes.
-    """
-    if not root.is_dir():
-        raise DataError(f"dataset '{dataset}': data root {root} does not exist or is not a folder")
-    subfolders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_folders = [name for name in subfolders if name in SPLITS]
-    has_official_split = bool(split_folders) and "train" in split_folders
-    if has_official_split:
-        layouts = [(root / split, split) for split in split_folders]
-    else:
-        layouts = [(root, None)]
-
-    images: list[RawImage] = []
-    ignored: list[tuple[Path, str]] = []
-    first_class: dict[str, str] = {}  # file name -> the class folder it was first seen in
-    for base, split in layouts:
-        present = {p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        for unknown in sorted(present - set(classes)):
-            log.warning("dataset '%s': folder %s is not a configured class; ignored",
-                        dataset, base / unknown)
-        missing = [name for name in classes if name not in present]
-        if missing and split != "val":
-            raise DataError(
-                f"dataset '{dataset}': no folder for class(es) {', '.join(missing)} in {base} "
-                f"(expected {base}/<class>/ for each of: {', '.join(classes)})"
-            )
-        for class_name in classes:
-            for path in sorted((base / class_name).rglob("*")) if class_name in present else []:
-                if path.is_dir():
-                    continue
-                if path.is_symlink() and not path.exists():
-                    ignored.append((path, "broken symbolic link"))
-                elif path.name.startswith("."):
-                    ignored.append((path, "hidden file"))
-                elif path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    ignored.append((path, "not an image file (" + ", ".join(
-                        sorted(IMAGE_EXTENSIONS)) + ")"))
-                else:
-                    if path.parent != base / class_name:
-                        log.warning("dataset '%s': %s is in a sub-folder of class '%s'; read as "
-                                    "that class", dataset, path, class_name)
-                    seen = first_class.setdefault(path.name, class_name)
-                    if seen != class_name:
-                        log.warning("dataset '%s': a file named %s is in class folders '%s' and "
-                                    "'%s'; check the labels (pixel-identical copies are dropped "
-                                    "as duplicates)", dataset, path.name, seen, class_name)
-                    images.append(
-                        RawImage(path, path.relative_to(root).as_posix(), class_name, split))
-    for path, reason in ignored:
-        log.warning("dataset '%s': %s: %s; ignored", dataset, path, reason)
-    return Discovery(root, images, has_official_split, ignored)
 
 
 def image_id(relative_path: str) -> str:
@@ -185,36 +120,70 @@ class ProcessedImage:
     error: str | None = None
 
 
-def _process_one(raw: RawImage, identifier: str, resolution: int, on_small: str,
-                 max_pixels: int, staging: Path) -> ProcessedImage:
+def crop_to_opaque(image: Image.Image) -> Image.Image:
+    """The fully opaque part of an image with a transparent border (AML's cell crops)."""
+    if image.mode not in ("RGBA", "LA", "PA"):
+        return image
+    box = image.getchannel("A").point(lambda alpha: 255 if alpha == 255 else 0).getbbox()
+    return image.crop(box) if box else image
+
+
+def _open_rgb(path: Path, max_pixels: int, crop_transparent: bool
+              ) -> tuple[Image.Image | None, str, str | None]:
+    """(RGB image, note on what was converted, error) of one raw file."""
     try:
-        with Image.open(raw.source_path) as opened:
+        with Image.open(path) as opened:
             width, height = opened.size  # from the header: nothing is decoded yet
             if width * height > max_pixels:
-                return ProcessedImage(
-                    raw, identifier, None, None, "",
-                    error=f"too large: {width}x{height} = {width * height:,} pixels, over "
-                          f"prepare.max_image_pixels ({max_pixels:,})")
+                return None, "", (f"too large: {width}x{height} = {width * height:,} pixels, "
+                                  f"over prepare.max_image_pixels ({max_pixels:,})")
             opened.load()
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1)
-            image, note = to_rgb(ImageOps.exif_transpose(opened) if orientation != 1 else opened)
+            image = ImageOps.exif_transpose(opened) if orientation != 1 else opened
+            if crop_transparent:
+                image = crop_to_opaque(image)
+            image, note = to_rgb(image)
             if orientation != 1:
                 note = "; ".join(filter(None, [f"turned upright (EXIF orientation {orientation})",
                                                note]))
     except (OSError, SyntaxError, ValueError) as err:
-        return ProcessedImage(raw, identifier, None, None, "", error=f"unreadable: {err}")
+        return None, "", f"unreadable: {err}"
     if note:
-        log.warning("%s: %s to RGB", raw.source_path, note)
-    if min(image.size) < resolution:
-        message = f"{image.size[0]}x{image.size[1]} is smaller than the resolution {resolution}"
-        if on_small == "error":
-            raise DataError(
-                f"{raw.source_path}: {message} (set prepare.on_small: upscale to allow)")
-        note = "; ".join(filter(None, [note, f"upscaled from {image.size[0]}x{image.size[1]}"]))
-    pixel_hash = hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()
-    relative = f"images/{raw.label_name}/{identifier}.png"
-    save_png(staging / relative, center_crop_resize(image, resolution))
-    return ProcessedImage(raw, identifier, relative, pixel_hash, note)
+        log.warning("%s: %s to RGB", path, note)
+    return image, note, None
+
+
+def _process_source(raws: Sequence[tuple[RawImage, str]], resolution: int, on_small: str,
+                    max_pixels: int, crop_transparent: bool, staging: Path
+                    ) -> list[ProcessedImage]:
+    """Every image (or patch) of one raw file, which is decoded once."""
+    image, opened_note, error = _open_rgb(raws[0][0].source_path, max_pixels, crop_transparent)
+    if error:
+        return [ProcessedImage(raw, identifier, None, None, "", error=error)
+                for raw, identifier in raws]
+    processed = []
+    for raw, identifier in raws:
+        part, note = image, opened_note
+        if raw.region is not None:
+            left, top, right, bottom = raw.region
+            if right > image.size[0] or bottom > image.size[1]:
+                processed.append(ProcessedImage(
+                    raw, identifier, None, None, "",
+                    error=f"patch {raw.region} lies outside the {image.size[0]}x"
+                          f"{image.size[1]} image"))
+                continue
+            part = image.crop(raw.region)
+        if min(part.size) < resolution:
+            message = f"{part.size[0]}x{part.size[1]} is smaller than the resolution {resolution}"
+            if on_small == "error":
+                raise DataError(
+                    f"{raw.source_path}: {message} (set prepare.on_small: upscale to allow)")
+            note = "; ".join(filter(None, [note, f"upscaled from {part.size[0]}x{part.size[1]}"]))
+        pixel_hash = hashlib.sha1(part.tobytes() + repr(part.size).encode()).hexdigest()
+        relative = f"images/{raw.label_name}/{identifier}.png"
+        save_png(staging / relative, center_crop_resize(part, resolution))
+        processed.append(ProcessedImage(raw, identifier, relative, pixel_hash, note))
+    return processed
 
 
 def stratified_split(
@@ -226,7 +195,8 @@ def stratified_split(
     """Assign train/val/test per class with exact per-class proportions.
 
     Entries of ``fixed`` that are not None keep their (official) split; when an official split
-    exists, only a validation set is carved out of its training images.
+    exists, the splits it lacks (validation for MHIST, test for BreastPathQ, whose test labels
+    are withheld) are carved out of its training images.
     """
     rng = np.random.default_rng(seed)
     fixed = list(fixed) if fixed is not None else [None] * len(labels)
@@ -236,9 +206,8 @@ def stratified_split(
         if official:
             pool = [i for i, (label, given) in enumerate(zip(labels, fixed, strict=True))
                     if label == class_name and given == "train"]
-            n_test = 0
-            has_official_val = "val" in fixed
-            n_val = 0 if has_official_val else max(1, round(len(pool) * split.val_fraction))
+            n_test = 0 if "test" in fixed else max(1, round(len(pool) * split.test_fraction))
+            n_val = 0 if "val" in fixed else max(1, round(len(pool) * split.val_fraction))
         else:
             pool = [i for i, lab in enumerate(labels) if lab == class_name]
             n_test = max(1, round(len(pool) * split.test_fraction))
@@ -341,14 +310,16 @@ def grouped_split(
     Tiles of one slide share stain, scanner and patient, so a slide in train and test would
     measure memorisation. Whole groups are placed with per-class proportions as close to the
     fractions as the group sizes allow, and every split gets at least one group of each class.
-    With an official split, its assignment is kept and only the validation split carved out
-    of official train is grouped.
+    With an official split, its assignment is kept and only the splits carved out of official
+    train are grouped.
     """
     fixed = list(fixed) if fixed is not None else [None] * len(labels)
     official = any(value is not None for value in fixed)
     if official:
         pool = [i for i, given in enumerate(fixed) if given == "train"]
-        fractions = {} if "val" in fixed else {"val": split.val_fraction}
+        fractions = {name: fraction for name, fraction in (("test", split.test_fraction),
+                                                             ("val", split.val_fraction))
+                     if name not in fixed}
     else:
         pool = list(range(len(labels)))
         fractions = {"test": split.test_fraction, "val": split.val_fraction}
@@ -477,47 +448,92 @@ def prepare_dataset(
 ) -> pd.DataFrame:
     """Prepare one dataset into ``out_dir`` and return its manifest.
 
-    Writes ``manifest.tsv``, ``class_counts.tsv``, ``excluded.tsv``, ``images/`` and
+    The dataset's kind (:mod:`cellflow.datasets`) lists its images from the official files;
+    then every kind is checked, resized and split alike. Writes ``manifest.tsv`` (with the
+    kind's extra columns), ``class_counts.tsv``, ``group_counts.tsv``, ``excluded.tsv``,
+    ``source.json`` (files read, notes, published-count checks), ``images/`` and
     ``contact_sheets/`` (and ``masks/`` when ``ground_truth`` is given). The folder is built
     beside ``out_dir`` and replaces it at the end, so a failed run leaves the previous
     preparation untouched.
     """
-    discovery = discover_class_folders(raw_root, dataset.classes, dataset.name)
-    group_of = dict(zip(
-        (raw.relative_path for raw in discovery.images),
-        image_groups([raw.relative_path for raw in discovery.images], dataset.split.group,
-                     dataset.name),
-        strict=True,
-    ))
+    reader = dataset_kind(dataset.kind)
+    listing = reader.read(dataset, raw_root)
+    count_warnings = compare_with_published(listing.listed_counts(), reader.published,
+                                            dataset.name, reader.name)
+    dataset, listing = select_classes(dataset, listing, known=reader.known_classes is not None)
+    if dataset.split.group is not None:
+        groups = image_groups([raw.relative_path for raw in listing.images],
+                              dataset.split.group, dataset.name)
+        listing.images = [replace(raw, group=group)
+                          for raw, group in zip(listing.images, groups, strict=True)]
     with staged_directory(out_dir) as staging:
-        manifest = _prepare_into(dataset, prepare, discovery, group_of, staging, seed, threads,
-                                 ground_truth)
+        manifest = _prepare_into(dataset, prepare, listing, staging, seed, threads, ground_truth)
+        write_text(staging / "source.json", json.dumps({
+            "kind": reader.name, "summary": reader.summary, "root": str(listing.root.resolve()),
+            "classes": list(dataset.classes),
+            "files_read": [str(path.resolve()) for path in listing.files_read],
+            "notes": listing.notes,
+            "published_count_mismatches": count_warnings,
+            "official_split": listing.has_official_split,
+            "grouped_by": (f"datasets.{dataset.name}.split.group"
+                           if dataset.split.group is not None
+                           else "the reader" if any(manifest["group"] != "") else None),
+        }, indent=2) + "\n")
     return manifest
 
 
-def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Discovery,
-                  group_of: Mapping[str, str], staging: Path, seed: int, threads: int,
+def select_classes(dataset: DatasetConfig, listing: Listing, known: bool
+                   ) -> tuple[DatasetConfig, Listing]:
+    """Keep the configured classes of a layout that defines its own (listing the others as
+    excluded); a dataset without configured classes (an unlabelled pool) takes all found."""
+    if not dataset.classes:
+        found = tuple(sorted({raw.label_name for raw in listing.images}))
+        if not found:
+            raise DataError(f"dataset '{dataset.name}': no images under {listing.root}")
+        return replace(dataset, classes=found), listing
+    if not known:
+        return dataset, listing
+    wanted = set(dataset.classes)
+    kept = [raw for raw in listing.images if raw.label_name in wanted]
+    left_out = Counter(raw.label_name for raw in listing.images if raw.label_name not in wanted)
+    for class_name, count in sorted(left_out.items()):
+        log.info("dataset '%s': %d image(s) of class '%s' left out (not in "
+                 "datasets.%s.classes)", dataset.name, count, class_name, dataset.name)
+    # a patch is named by its virtual path (core and position), not by the image it is cut from
+    ignored = listing.ignored_files + [
+        (listing.root / raw.relative_path if raw.region else raw.source_path,
+         f"class '{raw.label_name}' is not in datasets.{dataset.name}.classes")
+        for raw in listing.images if raw.label_name not in wanted]
+    return dataset, replace(listing, images=kept, ignored_files=ignored)
+
+
+def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, listing: Listing,
+                  staging: Path, seed: int, threads: int,
                   ground_truth: pd.DataFrame | None) -> pd.DataFrame:
     name = dataset.name
-    ids = assign_ids(discovery.images, name)
+    ids = assign_ids(listing.images, name)
+    by_source: dict[Path, list[tuple[RawImage, str]]] = {}
+    for raw, identifier in zip(listing.images, ids, strict=True):
+        by_source.setdefault(raw.source_path, []).append((raw, identifier))
     # The size limit is prepare.max_image_pixels, checked per file before decoding; PIL's own
     # decompression-bomb limit (89 M pixels) would refuse whole cores and large tiles.
     pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            jobs = pool.map(lambda raw, identifier: _process_one(
-                raw, identifier, dataset.resolution, prepare.on_small, prepare.max_image_pixels,
-                staging), discovery.images, ids)
-            processed = list(tqdm(jobs, total=len(discovery.images), desc=f"prepare {name}",
-                                  unit="img"))
+            jobs = pool.map(lambda raws: _process_source(
+                raws, dataset.resolution, prepare.on_small, prepare.max_image_pixels,
+                listing.crop_transparent_border, staging), by_source.values())
+            processed = [item for batch in tqdm(jobs, total=len(by_source),
+                                                desc=f"prepare {name}", unit="file")
+                         for item in batch]
     finally:
         Image.MAX_IMAGE_PIXELS = pil_limit
 
     unreadable = [item for item in processed if item.error]
     if unreadable and prepare.on_corrupt == "error":
-        listing = "\n".join(f"  {item.raw.source_path}: {item.error}" for item in unreadable)
+        lines = "\n".join(f"  {item.raw.source_path}: {item.error}" for item in unreadable)
         raise DataError(f"dataset '{name}': {len(unreadable)} unreadable image(s) "
-                        f"(set prepare.on_corrupt: exclude to skip them):\n{listing}")
+                        f"(set prepare.on_corrupt: exclude to skip them):\n{lines}")
     for item in unreadable:
         log.warning("%s: %s; excluded", item.raw.source_path, item.error)
     readable = [item for item in processed if not item.error]
@@ -529,20 +545,22 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
     empty = [c for c in dataset.classes if counts.get(c, 0) == 0]
     if empty:
         raise DataError(f"dataset '{name}': class(es) {', '.join(empty)} have no readable image "
-                        f"under {discovery.root}")
+                        f"under {listing.root}")
 
     labels = [item.raw.label_name for item in kept]
-    groups = [group_of[item.raw.relative_path] for item in kept]
-    fixed = [item.raw.official_split for item in kept] if discovery.has_official_split else None
+    groups = [item.raw.group for item in kept]
+    fixed = [item.raw.official_split for item in kept] if listing.has_official_split else None
     try:
-        if dataset.split.group is None:
+        if not any(groups):
             splits = stratified_split(labels, dataset.split, seed, fixed)
         else:
+            # an image without a group (a pool's ungrouped part) is a group of its own
+            units = [item.raw.group or f"image:{item.raw.relative_path}" for item in kept]
             if fixed is not None:
-                _warn_groups_across_official_splits(groups, fixed, name)
-            splits = grouped_split(labels, groups, dataset.split, seed, fixed)
+                _warn_groups_across_official_splits(units, fixed, name)
+            splits = grouped_split(labels, units, dataset.split, seed, fixed)
     except DataError as err:
-        raise DataError(f"dataset '{name}' ({discovery.root}): {err}") from None
+        raise DataError(f"dataset '{name}' ({listing.root}): {err}") from None
     label_of = {class_name: index for index, class_name in enumerate(dataset.classes)}
     manifest = pd.DataFrame({
         "id": [item.id for item in kept],
@@ -554,13 +572,14 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
         "note": [item.note for item in kept],
         "group": groups,
     })[MANIFEST_COLUMNS]
+    manifest = _with_extra_columns(manifest, kept, name)
     if ground_truth is not None:
         manifest = _attach_ground_truth(manifest, kept, ground_truth, staging, dataset)
 
     excluded = pd.DataFrame(
         [(str(item.raw.source_path), item.error) for item in unreadable]
         + [(str(item.raw.source_path), why) for item, why in duplicates]
-        + [(str(path), reason) for path, reason in discovery.ignored_files],
+        + [(str(path), reason) for path, reason in listing.ignored_files],
         columns=["source_path", "reason"],
     )
     write_table(staging / "manifest.tsv", manifest)
@@ -573,6 +592,22 @@ def _prepare_into(dataset: DatasetConfig, prepare: PrepareConfig, discovery: Dis
     _write_contact_sheets(manifest, staging, dataset, prepare.contact_sheet_images)
     log.info("dataset '%s': %d images prepared, %d excluded", name, len(manifest), len(excluded))
     return manifest
+
+
+def _with_extra_columns(manifest: pd.DataFrame, kept: Sequence[ProcessedImage], dataset: str
+                        ) -> pd.DataFrame:
+    """The reader's extra columns (annotator votes, scores, paired paths), in first-seen order;
+    an image without a value gets an empty cell."""
+    columns: dict[str, None] = {}
+    for item in kept:
+        columns.update(dict.fromkeys(item.raw.extra))
+    clashing = [c for c in columns if c in MANIFEST_COLUMNS or c in GROUND_TRUTH_COLUMNS]
+    if clashing:
+        raise DataError(f"dataset '{dataset}': the reader's extra column(s) {clashing} clash "
+                        "with the manifest's own")
+    extra = pd.DataFrame([{c: item.raw.extra.get(c, "") for c in columns} for item in kept],
+                         columns=list(columns), index=manifest.index)
+    return pd.concat([manifest, extra], axis=1)
 
 
 def _attach_ground_truth(manifest: pd.DataFrame, kept: list[ProcessedImage],

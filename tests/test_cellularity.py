@@ -206,3 +206,22 @@ def test_validation_needs_ground_truth(tmp_path: Path) -> None:
     real = pd.DataFrame({"path": ["images/a/x.png"], "label_name": ["a"], "split": ["train"]})
     with pytest.raises(ValueError, match="nuclei_count, nuclear_area_fraction, mask_path"):
         validate_against_ground_truth(real, tmp_path)
+
+
+def test_measures_rank_with_a_pathologists_cellularity_score(tmp_path):
+    from cellflow.cellularity import validate_against_scores
+
+    rng = np.random.default_rng(3)
+    rows = []
+    for index, progression in enumerate(np.linspace(0.0, 1.0, 8)):
+        tile = render_tile(float(progression), 64, rng)
+        Image.fromarray(tile.image).save(tmp_path / f"{index}.png")
+        rows.append({"path": f"{index}.png", "label_name": "x", "split": "train",
+                     "cellularity": progression})
+    rows.append({"path": "unscored.png", "label_name": "x", "split": "train",
+                 "cellularity": ""})  # a row without a score is left out, not measured
+    table, summary = validate_against_scores(pd.DataFrame(rows), tmp_path)
+    assert summary["images"] == 8 and len(table) == 8
+    assert summary["spearman_nuclear_area_fraction_vs_score"] > 0.7
+    with pytest.raises(ValueError, match="lacks the 'cellularity' score column"):
+        validate_against_scores(pd.DataFrame(rows).drop(columns="cellularity"), tmp_path)

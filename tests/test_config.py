@@ -214,3 +214,64 @@ def test_the_baselines_overlay_is_a_valid_config_over_the_demo():
     assert config["benchmark"] == "demo-baselines"
     assert {"ldm", "dit"} <= set(config["generation"]["methods"])
     assert {"ldm", "dit"} <= set(config["downstream"]["strategies"])
+
+
+def official(kind: str, **entry) -> dict:
+    """The demo config with one dataset of an official layout (no files needed to validate)."""
+    config = demo()
+    config["datasets"] = {"d": {"kind": kind, "root": "somewhere", "resolution": 32, **entry}}
+    config["downstream"]["strategies"] = {"none": {}}
+    return config
+
+
+def test_the_dataset_kind_registry_and_the_schema_agree():
+    from cellflow.config import load_schema
+    from cellflow.datasets import KINDS
+
+    schema = load_schema()
+    assert schema["$defs"]["dataset"]["properties"]["kind"]["enum"] == list(KINDS)
+    options = {branch["if"]["properties"]["kind"].get("const")
+               for branch in schema["$defs"]["dataset"]["allOf"]
+               if "options" in branch["then"].get("properties", {})}
+    with_options = {name for name in KINDS if f"{name}_options" in schema["$defs"]}
+    assert with_options <= options  # every options block is used by its kind
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (official("mhist", classes=["HP", "SSA"], options={"min_agreemnt": 5}),
+         "datasets.d.options.min_agreemnt: unknown key (did you mean 'min_agreement'?)"),
+        (official("mhist", classes=["HP", "TA"]),
+         "datasets.d.classes[1]: 'TA' is not a class of kind mhist (its classes: HP, SSA)"),
+        (official("chaoyang", classes=["normal", "adenoma"], options={"x": 1}),
+         "datasets.d.options.x: unknown key"),
+        (official("breastpathq", classes=["low", "high"], options={"bin_edges": [0.2, 0.5]}),
+         "datasets.d"),
+        (official("gleason2019", classes=["benign", "grade3"], options={"purity": 0.4}),
+         "datasets.d.options.purity"),
+        (official("mhist"), "datasets.d: 'classes' is a required property"),
+        ({**official("cpia"), "datasets": {"d": {"kind": "cpia", "resolution": 32}}},
+         "datasets.d: 'root' is a required property"),
+    ],
+)
+def test_official_layouts_are_checked_naming_the_key(config, expected):
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config, source="c.yaml")
+    assert f"c.yaml: {expected}" in str(raised.value)
+
+
+def test_a_pool_leaves_out_the_configured_datasets_by_default():
+    config = official("mhist", classes=["HP", "SSA"])
+    config["datasets"]["pool"] = {"kind": "cpia", "root": "cpia", "resolution": 32}
+    config["datasets"]["folders"] = {"kind": "folder", "root": "f", "resolution": 32,
+                                     "classes": ["a", "b"]}
+    checked = validate_config(config)
+    assert checked["datasets"]["pool"]["options"]["exclude_overlap_with"] == ["mhist"]
+    assert checked["datasets"]["d"]["options"] == {"min_agreement": 4}  # defaults filled in
+    config["datasets"]["pool"]["options"] = {"exclude_overlap_with": []}
+    assert validate_config(config)["datasets"]["pool"]["options"]["exclude_overlap_with"] == []
+    config["datasets"]["pool"]["transitions"] = [{"source": "a", "target": "b"}]
+    with pytest.raises(ConfigError, match="datasets.pool.transitions: kind cpia is an "
+                                          "unlabelled pool"):
+        validate_config(config)

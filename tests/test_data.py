@@ -9,12 +9,12 @@ from cellflow.config import DatasetConfig, GroupRule, PrepareConfig, SplitConfig
 from cellflow.data import (
     DataError,
     center_crop_resize,
-    discover_class_folders,
     grouped_split,
     image_groups,
     prepare_dataset,
     stratified_split,
 )
+from cellflow.datasets.folder import read_class_folders
 
 PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="drop",
                         contact_sheet_images=8)
@@ -147,10 +147,10 @@ def test_duplicates_never_cross_splits(make_folder_dataset, tmp_path):
 
 def test_missing_root_empty_class_and_unknown_class(make_folder_dataset, tmp_path):
     with pytest.raises(DataError, match="data root .*nowhere does not exist"):
-        discover_class_folders(tmp_path / "nowhere", ["a", "b"], "toy")
+        read_class_folders(dataset(), tmp_path / "nowhere")
     root = make_folder_dataset({"a": 6})
     with pytest.raises(DataError, match=r"no folder for class\(es\) b"):
-        discover_class_folders(root, ["a", "b"], "toy")
+        read_class_folders(dataset(), root)
     (root / "b").mkdir()
     (root / "b" / "readme.txt").write_text("x")
     with pytest.raises(DataError, match=r"class\(es\) b have no readable image"):

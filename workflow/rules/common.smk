@@ -16,6 +16,7 @@ from cellflow.config import (
     feature_network_run,
     validate_config,
 )
+from cellflow.datasets import KINDS as DATASET_KINDS
 from cellflow.generation import LATENT_MODELS
 from cellflow.generation import methods_of
 from cellflow.generation import job_settings as generation_job_settings
@@ -49,9 +50,22 @@ BENCHMARK_DIR = f"results/benchmarks/{config['benchmark']}"
 
 DATASETS = dataset_configs(config)
 SYNTHETIC_DATASETS = [name for name, ds in DATASETS.items() if ds.kind == "synthetic"]
+# The datasets that are benchmarked; the others are unlabelled pools (cpia), prepared for
+# the models that other datasets fit on them (pretrained: results/<pool>/models/<model>).
+BENCHMARK_DATASETS = {
+    name: ds for name, ds in DATASETS.items() if DATASET_KINDS[ds.kind].labelled
+}
+
+# The datasets whose measured cellularity is validated: against the generator's masks, or
+# against a pathologist's cellularity score (BreastPathQ).
+VALIDATED_CELLULARITY = SYNTHETIC_DATASETS + [
+    name
+    for name, ds in BENCHMARK_DATASETS.items()
+    if DATASET_KINDS[ds.kind].cellularity_scores
+]
 
 for _name, _dataset in DATASETS.items():
-    if _dataset.kind == "folder" and not _dataset.root.is_dir():
+    if _dataset.kind != "synthetic" and not _dataset.root.is_dir():
         logger.warning(
             f"dataset '{_name}': data root {_dataset.root} does not exist yet "
             f"(datasets.{_name}.root); its jobs are planned but will fail until it is filled in"
@@ -119,7 +133,8 @@ def raw_root(wildcards):
 
 
 def prepare_inputs(wildcards):
-    """Raw inputs of the data stage; a missing folder root is left to the job to report."""
+    """Raw inputs of the data stage: the root and the kind's annotation files (a changed label
+    file prepares the dataset again); a missing one is left to the job to report."""
     dataset = DATASETS[wildcards.dataset]
     if dataset.kind == "synthetic":
         return {
@@ -127,6 +142,12 @@ def prepare_inputs(wildcards):
             "ground_truth": f"results/{wildcards.dataset}/raw/ground_truth.tsv",
         }
     inputs = {"root": str(dataset.root)} if dataset.root.is_dir() else {}
+    annotations = DATASET_KINDS[dataset.kind].annotation_files(
+        dataset.root, dataset.options
+    )
+    existing = [str(path) for path in annotations if path.exists()]
+    if existing:
+        inputs["annotations"] = existing
     group = dataset.split.group
     if group is not None and group.sheet is not None:
         # A changed sample sheet regroups the split: the data stage reruns.
@@ -138,10 +159,12 @@ def raw_listing(wildcards):
     """A digest of every file under a folder dataset's root (path, size, modification time).
 
     As a param it reruns the data stage when images are added, removed or replaced inside a
-    class folder, which leaves the root folder's own modification time unchanged.
+    class folder, which leaves the root folder's own modification time unchanged. Official
+    layouts are followed through their annotation files instead: walking a 100 GB download
+    at every start would cost minutes.
     """
     dataset = DATASETS[wildcards.dataset]
-    if dataset.kind == "synthetic" or not dataset.root.is_dir():
+    if dataset.kind != "folder" or not dataset.root.is_dir():
         return ""
     digest = hashlib.sha256()
     for folder, _, files in sorted(os.walk(dataset.root)):
@@ -167,11 +190,23 @@ def needed_models(dataset):
     """The models a dataset's jobs read: the diffusion model and the classifier always (the
     evaluation and the figures use them), those of its generation methods, the given ones.
     """
+    if dataset not in BENCHMARK_DATASETS:
+        return pool_models(dataset)
     models = ["diffusion", "classifier"]
     for method in generative_methods(dataset):
         models += GENERATION_METHODS[method].models
     models += list(config["datasets"][dataset]["pretrained"])
     return list(dict.fromkeys(models))
+
+
+def pool_models(pool):
+    """The models of an unlabelled pool that other datasets use as pretrained ones."""
+    return [
+        model
+        for entries in DATASETS_PRETRAINED.values()
+        for model, entry in entries.items()
+        if os.path.normpath(entry["path"]) == f"results/{pool}/models/{model}"
+    ]
 
 
 def model_outputs(dataset):
@@ -205,7 +240,12 @@ def pretrained_inputs(wildcards):
     if entry is None:
         return {}
     inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
-    if os.path.exists(entry["path"]):
+    fitted_on_a_pool = any(
+        os.path.normpath(entry["path"]) == f"results/{pool}/models/{wildcards.model}"
+        for pool in DATASETS
+        if pool not in BENCHMARK_DATASETS
+    )
+    if fitted_on_a_pool or os.path.exists(entry["path"]):
         inputs["source"] = entry["path"]
     return inputs
 
@@ -393,7 +433,7 @@ def evaluation_outputs(dataset):
         for table in ("cellularity", "fidelity")
         for image_set in image_sets(dataset)
     ]
-    if dataset in SYNTHETIC_DATASETS:
+    if dataset in VALIDATED_CELLULARITY:
         outputs.append(f"results/{dataset}/evaluation/cellularity_validation.tsv")
     if has_trajectories(dataset):
         outputs += [
@@ -410,8 +450,8 @@ def final_outputs():
         for name in DATASETS
         for path in data_outputs(name)
         + model_outputs(name)
-        + generation_outputs(name)
-        + evaluation_outputs(name)
+        + (generation_outputs(name) + evaluation_outputs(name))
+        * (name in BENCHMARK_DATASETS)
     ] + [f"{BENCHMARK_DIR}/benchmark.tsv", *figure_outputs(), FRONT_PAGE]
 
 
@@ -488,7 +528,7 @@ def stem(key):
 
 
 def trajectory_datasets():
-    return [name for name in DATASETS if has_trajectories(name)]
+    return [name for name in BENCHMARK_DATASETS if has_trajectories(name)]
 
 
 def dataset_figure_outputs(dataset):
@@ -517,7 +557,9 @@ def summary_figure_outputs():
 
 def figure_outputs():
     return summary_figure_outputs() + [
-        path for dataset in DATASETS for path in dataset_figure_outputs(dataset)
+        path
+        for dataset in BENCHMARK_DATASETS
+        for path in dataset_figure_outputs(dataset)
     ]
 
 
@@ -538,7 +580,7 @@ def summary_tables():
 def fidelity_tables(wildcards):
     return [
         f"results/{dataset}/evaluation/fidelity/{image_set}.tsv"
-        for dataset in DATASETS
+        for dataset in BENCHMARK_DATASETS
         for image_set in image_sets(dataset)
     ]
 
@@ -546,7 +588,7 @@ def fidelity_tables(wildcards):
 def job_benchmarks(wildcards):
     """The benchmark file of every job that computes something (figure jobs excluded)."""
     files = [rules.benchmark_table.benchmark]
-    for dataset in DATASETS:
+    for dataset in BENCHMARK_DATASETS:
         per_dataset = [
             rules.prepare_data,
             rules.summarize_downstream,
@@ -569,7 +611,9 @@ def job_benchmarks(wildcards):
             model=list(config["datasets"][dataset]["pretrained"]),
         )
         if dataset in SYNTHETIC_DATASETS:
-            per_dataset += [rules.synthesize_dataset, rules.validate_cellularity]
+            per_dataset.append(rules.synthesize_dataset)
+        if dataset in VALIDATED_CELLULARITY:
+            per_dataset.append(rules.validate_cellularity)
         if has_trajectories(dataset):
             per_dataset += [rules.analyse_trajectories, rules.temporal_coherence]
         files += [rule.benchmark.format(dataset=dataset) for rule in per_dataset]

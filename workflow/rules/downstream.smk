@@ -62,7 +62,7 @@ rule summarize_downstream:
 
 rule benchmark_table:
     input:
-        expand("results/{dataset}/downstream/summary.tsv", dataset=DATASETS),
+        expand("results/{dataset}/downstream/summary.tsv", dataset=BENCHMARK_DATASETS),
     output:
         report(
             f"{BENCHMARK_DIR}/benchmark.tsv",

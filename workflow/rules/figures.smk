@@ -7,7 +7,7 @@
 rule figure_classification:
     input:
         benchmark=f"{BENCHMARK_DIR}/benchmark.tsv",
-        runs=expand("results/{dataset}/downstream/runs.tsv", dataset=DATASETS),
+        runs=expand("results/{dataset}/downstream/runs.tsv", dataset=BENCHMARK_DATASETS),
     output:
         png=report(
             f"{BENCHMARK_DIR}/figures/classification.png",
@@ -460,10 +460,11 @@ rule front_page:
         tables=summary_tables(),
         figures=summary_figure_outputs(),
         side_by_side=expand(
-            "results/{dataset}/figures/side_by_side.png", dataset=DATASETS
+            "results/{dataset}/figures/side_by_side.png", dataset=BENCHMARK_DATASETS
         ),
         memorization=expand(
-            "results/{dataset}/figures/tables/memorization.tsv", dataset=DATASETS
+            "results/{dataset}/figures/tables/memorization.tsv",
+            dataset=BENCHMARK_DATASETS,
         ),
     output:
         page=report(
