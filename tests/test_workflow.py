@@ -50,12 +50,13 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
     config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
     config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
-    # every kind of generation method flows through every stage: the classifier-free
-    # variant, a latent baseline at toy size (DiT; the LDM shares its code, tests/test_latent)
-    # and an external generator's images
+    # every kind of output flows through every stage: trajectories, translations, class
+    # samples, a latent baseline at toy size (DiT; the LDM shares its code, tests/test_latent)
+    # and an external generator's images. The classifier-free bridge writes what Cellflow
+    # writes (tests/test_cfg); its null class is trained here all the same.
     config["diffusion"]["label_dropout"] = 0.2
     config["generation"] = {
-        "methods": ["cellflow", "cellflow_cfg", "ddib", "adm", "dit", "elsewhere"],
+        "methods": ["cellflow", "ddib", "adm", "dit", "elsewhere"],
         "external": {"elsewhere": {"root": str(external_images(tmp_path, config))}}}
     short = {"steps": 3, "checkpoint_every": 2, "batch_size": 4}
     config["autoencoder"] = {"model": {"factor": 4, "latent_channels": 3,
@@ -232,9 +233,6 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     assert len(pd.read_csv(trajectories / "ddib" / "manifest.tsv", sep="\t")) == 2
     assert len(pd.read_csv(trajectories / "adm" / "manifest.tsv", sep="\t")) == 3
     assert (trajectories / "cellflow" / "strips" / "normal-to-hyperplastic.png").is_file()
-    guided_free = json.loads((trajectories / "cellflow_cfg" / "generation.json").read_text())
-    assert guided_free["bridge"]["guidance"] == "free"
-    assert guided_free["classifier_evaluations"] == 0
     # the null class: one label embedding more than classes
     unet_config = json.loads((models / "diffusion" / "unet" / "config.json").read_text())
     assert unet_config["num_class_embeds"] == 4
@@ -369,8 +367,7 @@ def test_the_memorization_check_covers_every_generative_method(demo_run):
         assert {"ratio_pixel", "ratio_domain", "nearest_id_pixel"} <= set(neighbours.columns)
     summary = pd.read_csv(workdir / "results" / "synthetic" / "figures" / "tables"
                           / "memorization.tsv", sep="\t", keep_default_na=False)
-    assert set(summary["method"]) == {"real", "cellflow", "cellflow_cfg", "ddib", "adm", "dit",
-                                      "elsewhere"}
+    assert set(summary["method"]) == {"real", "cellflow", "ddib", "adm", "dit", "elsewhere"}
     assert "flags" in summary.columns
 
 
@@ -497,3 +494,41 @@ def test_every_method_reports_the_counters_its_registry_entry_names(demo_run):
         trajectories_made = methods[name].writes == "trajectory frames"
         assert summary["outputs"] == (manifest.groupby(["source_id", "target_class"]).ngroups
                                       if trajectories_made else len(manifest)), name
+
+
+def test_an_official_layout_is_prepared_and_a_pool_fits_a_model_for_it(tmp_path):
+    from tests.layouts.cpia import make_cpia
+    from tests.layouts.mhist import make_mhist
+
+    mhist = make_mhist(tmp_path / "mhist")
+    pool = make_cpia(tmp_path / "cpia")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["datasets"] = {
+        "mhist": {"kind": "mhist", "root": str(mhist.root), "resolution": 16,
+                  "classes": ["HP", "SSA"], "transitions": [{"source": "HP", "target": "SSA"}],
+                  "pretrained": {"autoencoder": {"path": "results/cpia/models/autoencoder"}}},
+        "cpia": {"kind": "cpia", "root": str(pool.root), "resolution": 16},
+    }
+    config["generation"] = {"methods": ["cellflow", "ldm"]}
+    path = tmp_path / "official.yaml"
+    path.write_text(yaml.safe_dump(config))
+    planned = job_counts(snakemake(tmp_path, "-n", "--configfile", str(path)).stdout)
+    # the pool is only prepared and fitted on; the benchmark dataset uses what it fits
+    assert planned["prepare_data"] == 2 and planned["train_autoencoder"] == 1
+    assert planned["use_pretrained"] == 1 and planned["train_diffusion"] == 1
+    assert planned["train_latent"] == 1 and "train_downstream" in planned
+
+    snakemake(tmp_path, "results/mhist/data/manifest.tsv", "--cores", "1", "--configfile",
+              str(path))
+    manifest = pd.read_csv(tmp_path / "results" / "mhist" / "data" / "manifest.tsv", sep="\t")
+    assert {"ssa_votes", "agreement"} <= set(manifest.columns)
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    source = json.loads((tmp_path / "results" / "mhist" / "data" / "source.json").read_text())
+    assert source["kind"] == "mhist" and source["published_count_mismatches"]
+    # a changed annotation file prepares the dataset again; nothing else is planned for it
+    # (Snakemake compares contents: a file merely touched is not a change)
+    sheet = mhist.root / "annotations.csv"
+    sheet.write_text(sheet.read_text().replace(",0,train", ",1,train", 1))
+    replanned = job_counts(snakemake(tmp_path, "-n", "results/mhist/data/manifest.tsv",
+                                     "--configfile", str(path)).stdout)
+    assert replanned == {"prepare_data": 1}
