@@ -22,6 +22,7 @@ from cellflow.datasets.common import (
     RawImage,
     files_under,
     missing_image,
+    warn_left_out,
 )
 
 if TYPE_CHECKING:
@@ -127,19 +128,14 @@ def read(dataset: DatasetConfig, root: Path) -> Listing:
         for relative, (line, _) in (annotated or {}).items()
         if relative not in on_disk
     ]
-    for excluded, what in [
-        (unknown_folders, f"folder(s) in {images_root} are not AML classes"),
-        (unlisted, f"image(s) are not listed in {sheet.name}"),
-        (absent, f"image(s) listed in {sheet.name} are not on disk"),
-    ]:
-        if excluded:
-            log.warning(
-                "dataset '%s': %d %s; left out (excluded.tsv), e.g. %s",
-                name,
-                len(excluded),
-                what,
-                excluded[0][0],
-            )
+    warn_left_out(
+        name,
+        [
+            (unknown_folders, f"folder(s) in {images_root} are not AML classes"),
+            (unlisted, f"image(s) are not listed in {sheet.name}"),
+            (absent, f"image(s) listed in {sheet.name} are not on disk"),
+        ],
+    )
     notes = [
         "labels: the class folder (morphological class of the single cell); no official "
         "split, a seeded stratified split is made",

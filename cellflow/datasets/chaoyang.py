@@ -23,6 +23,7 @@ from cellflow.datasets.common import (
     missing_image,
     one_split_each,
     require_file,
+    warn_left_out,
 )
 
 if TYPE_CHECKING:
@@ -107,18 +108,13 @@ def read(dataset: DatasetConfig, root: Path) -> Listing:
         for image in files_under(folder).values()
         if image not in listed_files
     ]
-    for excluded, what in [
-        (ignored, "listed image(s) are not on disk"),
-        (unlisted, "image(s) on disk are in no label file"),
-    ]:
-        if excluded:
-            log.warning(
-                "dataset '%s': %d %s; left out (excluded.tsv), e.g. %s",
-                name,
-                len(excluded),
-                what,
-                excluded[0][0],
-            )
+    warn_left_out(
+        name,
+        [
+            (ignored, "listed image(s) are not on disk"),
+            (unlisted, "image(s) on disk are in no label file"),
+        ],
+    )
     notes = [
         "labels: the 'label' of train.json / test.json (the majority of three "
         "pathologists); label_a, label_b, label_c columns carry each one's label where "

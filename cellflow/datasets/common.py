@@ -159,6 +159,15 @@ def missing_image(path: Path, where: str) -> tuple[Path, str]:
     return path, f"listed in {where} but not on disk"
 
 
+def warn_left_out(dataset: str, kinds: Iterable[tuple[Sequence[tuple[Path, str]], str]]) -> None:
+    """One warning per kind of exclusion, with its count and an example, instead of a line
+    per file (a 100,000-image download may miss thousands)."""
+    for excluded, what in kinds:
+        if excluded:
+            log.warning("dataset '%s': %d %s; left out (excluded.tsv), e.g. %s", dataset,
+                        len(excluded), what, excluded[0][0])
+
+
 def one_split_each(entries: Iterable[tuple[str, str, str]], dataset: str) -> None:
     """Refuse an image that two official splits list: ``entries`` are (image, split, where)."""
     first: dict[str, tuple[str, str]] = {}

@@ -23,6 +23,7 @@ from cellflow.datasets.common import (
     read_csv_with_header,
     require_file,
     require_folder,
+    warn_left_out,
 )
 
 if TYPE_CHECKING:
@@ -110,18 +111,13 @@ def read(dataset: DatasetConfig, root: Path) -> Listing:
         for file_name, path in files_under(images_dir).items()
         if file_name not in seen
     ]
-    for excluded, what in [
-        (absent, "listed image(s) are not on disk"),
-        (unlisted, f"image(s) in {images_dir} are not in {sheet.name}"),
-    ]:
-        if excluded:
-            log.warning(
-                "dataset '%s': %d %s; left out (excluded.tsv), e.g. %s",
-                name,
-                len(excluded),
-                what,
-                excluded[0][0],
-            )
+    warn_left_out(
+        name,
+        [
+            (absent, "listed image(s) are not on disk"),
+            (unlisted, f"image(s) in {images_dir} are not in {sheet.name}"),
+        ],
+    )
     if disagreeing:
         log.info(
             "dataset '%s': %d image(s) with fewer than %d of %d annotators agreeing left out",

@@ -25,6 +25,7 @@ from cellflow.datasets.common import (
     missing_image,
     one_split_each,
     require_folder,
+    warn_left_out,
 )
 
 if TYPE_CHECKING:
@@ -100,21 +101,13 @@ def read(dataset: DatasetConfig, root: Path) -> Listing:
         for path in files_under(slide_folder).values()
         if path.relative_to(root).as_posix() not in listed_paths
     ]
-    if absent:
-        log.warning(
-            "dataset '%s': %d listed region(s) are not on disk (excluded.tsv), e.g. %s",
-            name,
-            len(absent),
-            absent[0][0],
-        )
-    if unlisted:
-        log.warning(
-            "dataset '%s': %d region(s) on disk are in no official split list; left "
-            "out (excluded.tsv), e.g. %s",
-            name,
-            len(unlisted),
-            unlisted[0],
-        )
+    warn_left_out(
+        name,
+        [
+            (absent, "listed region(s) are not on disk"),
+            ([(path, "") for path in unlisted], "region(s) on disk are in no official split list"),
+        ],
+    )
     shared = sorted(slide for slide, splits in splits_of_slide.items() if len(splits) > 1)
     for slide in shared:
         log.warning(
