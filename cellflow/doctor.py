@@ -10,11 +10,13 @@ line naming the file or the config key; the exit status is non-zero if there is 
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import shutil
 import subprocess
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -91,16 +93,18 @@ def check_datasets(config: Mapping[str, Any]) -> tuple[list[Finding], list[Datas
             surveys.append(DatasetSurvey(name, 0, Counter()))
             continue
         try:
-            listing = kind.quick_listing(dataset, dataset.root)
-            counted = listing.listed_counts()
-            mismatches = compare_with_published(counted, kind.published, name, kind.name)
-            dataset, listing = select_classes(dataset, listing,
-                                              known=kind.known_classes is not None)
+            with warnings_logged() as warned:
+                listing = kind.quick_listing(dataset, dataset.root)
+                counted = listing.listed_counts()
+                compare_with_published(counted, kind.published, name, kind.name)
+                dataset, listing = select_classes(dataset, listing,
+                                                  known=kind.known_classes is not None)
         except DataError as err:
             findings.append(Finding("problem", key, str(err)))
             surveys.append(DatasetSurvey(name, 0, Counter()))
             continue
-        findings += [Finding("warning", key, message) for message in mismatches]
+        # what the reader warns of (left-out files, published counts, a missing optional file)
+        findings += [Finding("warning", key, message) for message in warned]
         per_split_class = Counter((raw.official_split or "unsplit", raw.label_name)
                                   for raw in listing.images)
         if listing.images:
@@ -117,13 +121,29 @@ def check_datasets(config: Mapping[str, Any]) -> tuple[list[Finding], list[Datas
         findings.append(Finding("ok", key, f"{kind.name}, {len(listing.images)} images "
                                            f"({summary}); {len(listing.ignored_files)} "
                                            "excluded"))
-        findings += [Finding("warning", key, note) for note in listing.notes
-                     if note.startswith("only ") or "not found" in note]
         official_train = Counter(raw.label_name for raw in listing.images
                                  if raw.official_split in (None, "train"))
         surveys.append(DatasetSurvey(name, len(listing.images) or sum(counted.values()),
                                      official_train))
     return findings, surveys
+
+
+@contextmanager
+def warnings_logged() -> Iterator[list[str]]:
+    """The warnings cellflow logs inside the block, as messages."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect(logging.WARNING)
+    logger = logging.getLogger("cellflow")
+    logger.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
 
 
 def weight_paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, bool]]:

@@ -58,6 +58,8 @@ def test_counts_come_from_the_official_files_and_each_problem_names_its_key(tmp_
     warnings = [f for f in run_doctor([path], results=tmp_path / "r")
                 if f.severity == "warning" and f.subject == "datasets.prcc"]
     assert any("published count is 373" in f.message for f in warnings)
+    assert any("region(s) on disk are in no official split list" in f.message
+               for f in warnings)  # what the reader warns of reaches the preflight
     assert findings["datasets.mhist.root"].severity == "problem"
     assert "not-downloaded does not exist" in findings["datasets.mhist.root"].message
     assert findings["downstream.pretrained.resnet18"].severity == "problem"
