@@ -11,6 +11,9 @@ from cellflow.generation import METHODS
 
 # The model folders a generation job may read, one --<name> option each.
 MODEL_ARGUMENTS = ("diffusion", "classifier", "decoder", "autoencoder", "ldm", "dit")
+GPUS_HELP = "GPUs this job computes on (a local run pins free devices: cellflow.gpu_slots)"
+# The commands pipeline jobs run; each writes a provenance record with its output.
+JOB_COMMANDS = ("train", "generate", "use-pretrained", "downstream", "evaluate", "figures")
 
 
 def check_config(path: str) -> int:
@@ -28,7 +31,8 @@ def check_config(path: str) -> int:
 
 
 def _job_setup(threads: int | None, log_file: str | None) -> None:
-    """What every pipeline job does first: log to its file, use its share of the CPUs."""
+    """What every pipeline job does first: log to its file (which names the machine and the
+    GPUs the job sees), use its share of the CPUs."""
     from cellflow.logs import log_to_file
 
     if log_file:
@@ -68,14 +72,19 @@ def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,
 
 
 def generate(method: str, spec_json: str, manifest: str, models: dict[str, str | None],
-             out: str, work: str | None, threads: int | None, log_file: str | None) -> int:
-    """One generation method (:data:`cellflow.generation.METHODS`) for one dataset."""
+             out: str, work: str | None, threads: int | None, log_file: str | None,
+             shard: int | None = None, shards: int = 1,
+             shard_records: list[str] | None = None) -> int:
+    """One generation method (:data:`cellflow.generation.METHODS`) for one dataset: the whole
+    method, one shard of it (``--out`` is then the shard's record), or the gather of its
+    shards' batches."""
     import json
 
     from cellflow.config import DatasetConfig
     from cellflow.diffusion import NoiseSchedule
     from cellflow.generation import method as generation_method
     from cellflow.generation.common import GenerationJob
+    from cellflow.generation.shards import run_gather, run_shard
 
     _job_setup(threads, log_file)
     spec = json.loads(spec_json)
@@ -83,13 +92,19 @@ def generate(method: str, spec_json: str, manifest: str, models: dict[str, str |
     missing = [name for name in chosen.models if not models.get(name)]
     if missing:
         raise SystemExit(f"generate {method}: needs --{' --'.join(missing)}")
-    chosen.run(GenerationJob(
+    job = GenerationJob(
         dataset=DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"]),
         schedule=NoiseSchedule(**spec["noise_schedule"]),
         bridge=spec["bridge"], settings=spec["method"], seed=spec.get("seed", 0),
         data_manifest=Path(manifest),
         models={name: Path(path) for name, path in models.items() if path},
-        out_dir=Path(out), work_dir=Path(work) if work else None))
+        out_dir=Path(out), work_dir=Path(work) if work else None)
+    if shard is not None:
+        run_shard(chosen, job, shard, shards, Path(out))
+    elif shards > 1:
+        run_gather(chosen, job, [Path(record) for record in shard_records or []], shards)
+    else:
+        chosen.run(job)
     return 0
 
 
@@ -438,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="folder for resumable checkpoints, outside the declared outputs")
     fit.add_argument("--autoencoder", help="ldm, dit: the latent autoencoder folder (vae/)")
     fit.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    fit.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     fit.add_argument("--log", help="write logging and progress to this file")
     make = commands.add_parser("generate", help="Cellflow trajectories or a baseline")
     make.add_argument("method", help=f"{', '.join(METHODS)}, or a generation.external entry")
@@ -454,7 +470,14 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--out", required=True, help="output folder (replaced at the end)")
     make.add_argument("--work", help="folder for finished batches, so that a rerun resumes "
                                      "(outside the outputs; removed when they are complete)")
+    make.add_argument("--shard", type=int,
+                      help="compute only this shard (0-based) of --shards; --out is its record")
+    make.add_argument("--shards", type=int, default=1,
+                      help="the number of shards; without --shard, gather their batches")
+    make.add_argument("--shard-records", nargs="*", default=[],
+                      help="the gather: every shard's record")
     make.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    make.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     make.add_argument("--log", help="write logging and progress to this file")
     adopt = commands.add_parser("use-pretrained",
                                 help="check a dataset's pretrained model and put it in place")
@@ -464,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     adopt.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     adopt.add_argument("--out", required=True, help="model folder (replaced at the end)")
     adopt.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    adopt.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     adopt.add_argument("--log", help="write logging and progress to this file")
     down = commands.add_parser("downstream", help="downstream classifier runs and tables")
     down.add_argument("action", choices=["train", "summarize", "benchmark"])
@@ -480,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="summarize: metrics.json files; benchmark: summary.tsv files")
     down.add_argument("--out", required=True, help="run folder, or the table to write")
     down.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    down.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     down.add_argument("--log", help="write logging and progress to this file")
     score = commands.add_parser("evaluate", help="evaluation tables of one dataset")
     score.add_argument("action", choices=["cellularity", "validate-cellularity", "fidelity",
@@ -496,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("--generated-cellularity", help="trajectories: cellularity of frames")
     score.add_argument("--out", required=True, help="the table (or folder) to write")
     score.add_argument("--threads", type=int, help="CPU threads for torch (default: all)")
+    score.add_argument("--gpus", type=int, default=0, help=GPUS_HELP)
     score.add_argument("--log", help="write logging and progress to this file")
     draw = commands.add_parser("figures", help="one benchmark figure and its table")
     draw.add_argument("kind", choices=["classification", "fidelity", "trajectories", "strips",
@@ -554,6 +580,35 @@ def main(argv: list[str] | None = None) -> int:
     gd.add_argument("--out", required=True,
                     help="folder for diffusion/, classifier/ and conversion.json")
     args = parser.parse_args(argv)
+    if args.command not in JOB_COMMANDS:
+        return _dispatch(args)
+    if getattr(args, "gpus", 0):
+        from cellflow.gpu_slots import acquire
+
+        # a local run on a multi-GPU machine: free devices of this job's own, taken before
+        # anything starts CUDA (which reads CUDA_VISIBLE_DEVICES once); under SLURM the
+        # allocation's devices as given. They stay locked until this process exits.
+        acquire(getattr(args, "gpus", 0))
+    from cellflow.provenance import config_digest, recorded
+
+    # most figure jobs' --out is a stem, and their record goes with the PNG; the front page's
+    # is its HTML file (a record is written for the outputs that exist)
+    outputs = [Path(args.out + ".png"), Path(args.out)] if args.command == "figures" \
+        else [Path(args.out)]
+    positional = next(getattr(args, name) for name in ("model", "method", "action", "kind")
+                      if hasattr(args, name))
+    spec = getattr(args, "spec", None)
+    shard = getattr(args, "shard", None)
+    with recorded(outputs, rule=f"{args.command} {positional}",
+                  shard=f"{shard} of {args.shards}" if shard is not None else None,
+                  config_hash=config_digest(spec) if spec else None):
+        code = _dispatch(args)
+        if code:
+            raise SystemExit(code)  # a job that reports failure gets no record
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "import-guided-diffusion":
         return import_guided_diffusion(args)
     if args.command == "figures":
@@ -565,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "generate":
         return generate(args.method, args.spec, args.manifest,
                         {name: getattr(args, name) for name in MODEL_ARGUMENTS},
-                        args.out, args.work, args.threads, args.log)
+                        args.out, args.work, args.threads, args.log, args.shard,
+                        args.shards, args.shard_records)
     if args.command == "use-pretrained":
         return use_pretrained(args.spec, args.manifest, args.out, args.threads, args.log)
     if args.command == "doctor":

@@ -381,7 +381,7 @@ def generate_latent(job: GenerationJob, kind: Kind,
         "method": kind, "settings": {key: value for key, value in sorted(settings.items())
                                      if key != "per_class"},
         "schedule": asdict(job.schedule), "seed": job.seed,
-        "models": folder_digest(model_dir, vae_dir)})
+        "models": folder_digest(model_dir, vae_dir)}, job.sharding)
     per_class, batch_size = settings["per_class"], settings["batch_size"]
     rows: list[dict[str, Any]] = []
     evaluations = calls = 0
@@ -402,6 +402,8 @@ def generate_latent(job: GenerationJob, kind: Kind,
                 result = store.get_or_compute(
                     f"{name}-{first:05d}-{count}",
                     partial(compute, torch.full((count,), label), generator))
+                if result is None:
+                    continue  # another shard's batch
                 evaluations += int(result["evaluations"][0])
                 calls += settings["ddim_steps"]
                 for offset, image in enumerate(result["images"]):

@@ -6,6 +6,12 @@ batch (read with ``allow_pickle=False``), written atomically. The key digests ev
 batches depend on (the settings and the model weights), so a changed setting or a retrained model
 never reuses a stale batch. A rerun recomputes at most the batch that was running; the folder is
 removed once the job's outputs are complete.
+
+The same store spreads one method over several jobs (:class:`Sharding`): shard ``i`` of ``n``
+computes and stores the batches at positions ``i, i + n, i + 2n, ...`` of the job's batch
+order, and the gather job, which runs the method as one job would, finds every batch stored
+and writes the outputs. A batch's arrays depend on its inputs and its own seed only, so the
+outputs are the same, byte for byte, whatever the number of shards.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import logging
 import shutil
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +30,7 @@ import numpy as np
 
 from cellflow.checkpoint import file_sha256
 from cellflow.io import atomic_path
+from cellflow.provenance import FOLDER_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +38,12 @@ Arrays = dict[str, np.ndarray]
 
 
 def folder_digest(*folders: Path) -> str:
-    """SHA-256 over the names and contents of every file in ``folders`` (the model weights)."""
+    """SHA-256 over the names and contents of every file in ``folders`` (the model weights);
+    the provenance record (when the model was made, and where) is not part of it."""
     digest = hashlib.sha256()
     for folder in folders:
-        for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        for path in sorted(p for p in Path(folder).rglob("*")
+                           if p.is_file() and p.name != FOLDER_RECORD):
             digest.update(f"{path.relative_to(folder)}\t{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
@@ -43,37 +53,90 @@ def path_digest(path: Path) -> str:
     return file_sha256(path) if path.is_file() else folder_digest(path)
 
 
+class ShardError(ValueError):
+    """Shards that do not add up to one job's batches; the message names the shard."""
+
+
+@dataclass
+class Sharding:
+    """One job's part in a sharded method: ``index`` of ``count`` shards, or the gather
+    (``index`` None) that assembles what ``count`` shards stored. ``stored`` collects the
+    names of the batches a shard stored, for its record."""
+
+    count: int = 1
+    index: int | None = None
+    stored: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or (self.index is not None and not 0 <= self.index < self.count):
+            raise ShardError(f"shard {self.index} of {self.count}: no such shard")
+
+    @property
+    def is_shard(self) -> bool:
+        return self.index is not None
+
+    @property
+    def is_gather(self) -> bool:
+        return self.index is None and self.count > 1
+
+    def owner(self, position: int) -> int:
+        return position % self.count
+
+
 class BatchStore:
     """Arrays of finished batches under ``root/<key digest>/``; ``root=None`` keeps nothing."""
 
-    def __init__(self, root: Path | None, key: Mapping[str, Any]) -> None:
+    def __init__(self, root: Path | None, key: Mapping[str, Any],
+                 sharding: Sharding | None = None) -> None:
         self.root = root
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
         self.folder = None if root is None else root / digest.hexdigest()[:16]
         self.reused = 0
+        self.sharding = sharding or Sharding()
+        self.position = 0  # of the next batch in the job's batch order
+        if self.sharding.count > 1 and self.folder is None:
+            raise ShardError("a sharded job needs a work folder for its batches")
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
-    def get_or_compute(self, name: str, compute: Callable[[], Arrays]) -> Arrays:
-        """The stored arrays of batch ``name``, or ``compute()``'s, stored before returning."""
+    def get_or_compute(self, name: str, compute: Callable[[], Arrays]) -> Arrays | None:
+        """The stored arrays of batch ``name``, or ``compute()``'s, stored before returning.
+
+        A shard returns None for the batches of other shards (the caller skips them); the
+        gather refuses to compute a batch its shard did not store.
+        """
+        position, self.position = self.position, self.position + 1
         if self.folder is None:
             return compute()
+        sharding = self.sharding
+        if sharding.is_shard and sharding.owner(position) != sharding.index:
+            return None
         path = self.folder / f"{name}.npz"
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as stored:
                     arrays = {key: stored[key] for key in stored.files}
                 self.reused += 1
+                if sharding.is_shard:
+                    sharding.stored.append(name)
                 return arrays
             except (OSError, ValueError, zipfile.BadZipFile) as err:
                 log.warning("recomputing batch %s: its stored arrays are unreadable (%s)", path,
                             err)
+        if sharding.is_gather:
+            raise ShardError(
+                f"batch {name} is not in {self.folder}: shard {sharding.owner(position)} of "
+                f"{sharding.count} did not store it (its job failed or ran with other "
+                "settings); run that shard again")
         arrays = compute()
         with atomic_path(path) as temporary, temporary.open("wb") as handle:
             np.savez(handle, **arrays)
+        if sharding.is_shard:
+            sharding.stored.append(name)
         return arrays
 
     def clear(self) -> None:
-        """Remove every stored batch of this job (all keys): its outputs are complete."""
-        if self.root is not None:
+        """Remove every stored batch of this job (all keys): its outputs are complete. A
+        shard keeps its batches for the gather."""
+        if self.root is not None and not self.sharding.is_shard:
             shutil.rmtree(self.root, ignore_errors=True)

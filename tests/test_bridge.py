@@ -339,3 +339,60 @@ def test_a_killed_generation_job_resumes_to_identical_outputs(models, tmp_path, 
                  *models_dirs, adm_out, tmp_path / "checkpoints" / "adm")
     for path in (straight / "adm").rglob("*.png"):
         assert (adm_out / path.relative_to(straight / "adm")).read_bytes() == path.read_bytes()
+
+
+def test_sharded_generation_writes_what_one_job_writes(models, tmp_path):
+    from cellflow.generation import METHODS
+    from cellflow.generation.common import GenerationJob
+    from cellflow.generation.shards import (
+        ShardError,
+        check_shard_records,
+        run_gather,
+        run_shard,
+    )
+
+    dataset, bridge, (diffusion, classifier) = _toy_generation(models, tmp_path)
+    bridge.update(inversion_steps=4, frames=2)
+    settings = {"cellflow": {}, "adm": {"per_class": 3, "classifier_scale": 1.0}}
+    for name in ("cellflow", "adm"):
+        method = METHODS[name]
+
+        def job(out, work=None, method_settings=settings[name]):
+            return GenerationJob(dataset, SCHEDULE, bridge, method_settings, 0,
+                                 tmp_path / "data" / "manifest.tsv",
+                                 {"diffusion": diffusion, "classifier": classifier}, out, work)
+
+        straight, sharded = tmp_path / "straight" / name, tmp_path / "sharded" / name
+        method.run(job(straight))
+        work = tmp_path / "checkpoints" / name
+        # three shards for 2 (cellflow) or 6 (adm) batches: one cellflow shard has none
+        records = [tmp_path / "records" / name / f"{i}-of-3.json" for i in range(3)]
+        stored = [run_shard(method, job(sharded, work), i, 3, record)
+                  for i, record in enumerate(records)]
+        assert sum(map(len, stored)) == (2 if name == "cellflow" else 6)
+        assert not sharded.exists()  # a shard writes only its record and its batches
+        with pytest.raises(ShardError, match=r"no record of shard\(s\) 1 of 3"):
+            run_gather(method, job(sharded, work), [records[0], records[2]], 3)
+        with pytest.raises(ShardError, match="shard 0 of 3 again"):
+            check_shard_records([records[0], records[0], records[2]], 3, name, "toy")
+        run_gather(method, job(sharded, work), records, 3)
+        assert not work.exists()
+        pngs = sorted(p.relative_to(straight) for p in straight.rglob("*.png"))
+        assert pngs == sorted(p.relative_to(sharded) for p in sharded.rglob("*.png"))
+        for path in pngs:  # byte for byte, whatever the number of shards
+            assert (sharded / path).read_bytes() == (straight / path).read_bytes()
+        pd.testing.assert_frame_equal(pd.read_csv(sharded / "manifest.tsv", sep="\t"),
+                                      pd.read_csv(straight / "manifest.tsv", sep="\t"))
+
+    # a shard whose batches are gone (its job failed after writing its record) is named
+    work, records = tmp_path / "lost", [tmp_path / "lost-records" / f"{i}.json" for i in (0, 1)]
+    adm = METHODS["adm"]
+    lost_job = GenerationJob(dataset, SCHEDULE, bridge, settings["adm"], 0,
+                             tmp_path / "data" / "manifest.tsv",
+                             {"diffusion": diffusion, "classifier": classifier},
+                             tmp_path / "lost-out", work)
+    for i, record in enumerate(records):
+        run_shard(adm, lost_job, i, 2, record)
+    next(work.rglob("*.npz")).unlink()
+    with pytest.raises(ShardError, match="shard [01] of 2 did not store it"):
+        run_gather(adm, lost_job, records, 2)

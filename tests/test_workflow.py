@@ -532,3 +532,43 @@ def test_an_official_layout_is_prepared_and_a_pool_fits_a_model_for_it(tmp_path)
     replanned = job_counts(snakemake(tmp_path, "-n", "results/mhist/data/manifest.tsv",
                                      "--configfile", str(path)).stdout)
     assert replanned == {"prepare_data": 1}
+
+
+def test_a_sharded_method_writes_what_one_job_wrote(demo_run, tmp_path):
+    workdir, config = demo_run
+    shutil.copytree(workdir / "results", tmp_path / "results")
+    settings = yaml.safe_load(config.read_text())
+    settings["generation"]["shards"] = 2
+    sharded = tmp_path / "sharded.yaml"
+    sharded.write_text(yaml.safe_dump(settings))
+    target = "results/synthetic/trajectories/adm"
+    planned = job_counts(snakemake(tmp_path, "-n", target, "--configfile", str(sharded)).stdout)
+    assert planned == {"generate_shard": 2, "generate": 1}
+    snakemake(tmp_path, target, "--cores", "2", "--configfile", str(sharded))
+    one_job, two_shards = workdir / target, tmp_path / target
+    images = sorted(p.relative_to(one_job) for p in one_job.rglob("*.png"))
+    assert images == sorted(p.relative_to(two_shards) for p in two_shards.rglob("*.png"))
+    assert images
+    for path in images:
+        assert (two_shards / path).read_bytes() == (one_job / path).read_bytes()
+    assert (two_shards / "manifest.tsv").read_text() == (one_job / "manifest.tsv").read_text()
+    # the shards' records are temporary: consumed by the gather and removed
+    records = tmp_path / "results" / "synthetic" / "trajectories" / "shards"
+    assert not list(records.rglob("*.json"))
+
+
+def test_every_job_leaves_a_complete_provenance_record(demo_run):
+    from cellflow.provenance import RECORD_KEYS, read_provenance
+
+    workdir, config = demo_run
+    planned = job_counts(snakemake(workdir, "-n", "--forceall", "--configfile",
+                                   str(config)).stdout)
+    jobs = sum(count for rule, count in planned.items() if rule not in ("all", "figures"))
+    results = workdir / "results"
+    records = [*results.rglob("provenance.json"), *results.rglob(".provenance/*.json")]
+    assert len(records) == jobs  # one per job: its folder's, or its (first) file's
+    read = [read_provenance(path) for path in records]  # every key present, or it raises
+    assert all(set(RECORD_KEYS) <= set(record) for record in read)
+    assert {"prepare_data", "synthesize_dataset", "train diffusion", "generate cellflow",
+            "evaluate fidelity", "figures classification"} <= {r["rule"] for r in read}
+    assert all(record["code"]["commit"] for record in read)  # run from this checkout

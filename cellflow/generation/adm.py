@@ -26,18 +26,19 @@ from cellflow.generation.common import (
     write_summary,
 )
 from cellflow.io import save_png, staged_directory, write_table
-from cellflow.resume import BatchStore, folder_digest
+from cellflow.resume import BatchStore, Sharding, folder_digest
 
 
 def run(job: GenerationJob) -> pd.DataFrame:
     return generate_adm(job.dataset, job.schedule, job.bridge, job.settings, job.seed,
                         job.models["diffusion"], job.models["classifier"], job.out_dir,
-                        job.work_dir)
+                        job.work_dir, sharding=job.sharding)
 
 
 def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                  adm: dict[str, Any], seed: int, diffusion_dir: Path, classifier_dir: Path,
-                 out_dir: Path, work_dir: Path | None = None) -> pd.DataFrame:
+                 out_dir: Path, work_dir: Path | None = None,
+                 sharding: Sharding | None = None) -> pd.DataFrame:
     """Classifier-guided class-conditional DDIM samples, ``per_class`` of every class.
 
     Each batch draws its noise from its own generator, seeded by (seed, class, first sample),
@@ -46,7 +47,8 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
     config = BridgeConfig.from_dict({**bridge, "classifier_scale": adm["classifier_scale"]})
     engine = bridge_engine(schedule, config, diffusion_dir, classifier_dir)
     store = BatchStore(work_dir, {"method": "adm", "bridge": asdict(config), "seed": seed,
-                                  "models": folder_digest(diffusion_dir, classifier_dir)})
+                                  "models": folder_digest(diffusion_dir, classifier_dir)},
+                       sharding)
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:
         for label, name in enumerate(dataset.classes):
@@ -59,6 +61,8 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
                     f"{name}-{first:05d}-{count}",
                     partial(image_arrays, engine.sample, torch.full((count,), label),
                             generator, dataset.resolution))
+                if result is None:
+                    continue  # another shard's batch
                 add_counts(counter, result["counter"])
                 for offset, image in enumerate(result["images"]):
                     sample_id = f"adm_{name}_{first + offset:04d}"

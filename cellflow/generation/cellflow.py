@@ -33,15 +33,18 @@ from cellflow.generation.common import (
     write_summary,
 )
 from cellflow.io import save_png, staged_directory, write_table
-from cellflow.resume import BatchStore, folder_digest
+from cellflow.resume import BatchStore, Sharding, folder_digest
 
+STAIRS_COLUMNS = ["source_id", "target_class", "frame_index", "stair", "stair_rule",
+                  "target_probability", "source_target_probability"]
 _TITLES = {"cellflow": "Cellflow", "cellflow_cfg": "Cellflow, classifier-free guidance"}
 
 
 def run(job: GenerationJob) -> pd.DataFrame:
     return generate_cellflow(job.dataset, job.schedule, job.bridge, job.data_manifest,
                              job.models["diffusion"], job.models["classifier"], job.out_dir,
-                             job.work_dir, decoder_dir=job.models.get("decoder"))
+                             job.work_dir, decoder_dir=job.models.get("decoder"),
+                             sharding=job.sharding)
 
 
 def run_cfg(job: GenerationJob) -> pd.DataFrame:
@@ -51,14 +54,14 @@ def run_cfg(job: GenerationJob) -> pd.DataFrame:
     return generate_cellflow(job.dataset, job.schedule, bridge, job.data_manifest,
                              job.models["diffusion"], job.models["classifier"], job.out_dir,
                              job.work_dir, decoder_dir=job.models.get("decoder"),
-                             method="cellflow_cfg")
+                             method="cellflow_cfg", sharding=job.sharding)
 
 
 def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                       data_manifest: Path, diffusion_dir: Path, classifier_dir: Path,
                       out_dir: Path, work_dir: Path | None = None,
-                      decoder_dir: Path | None = None, method: str = "cellflow"
-                      ) -> pd.DataFrame:
+                      decoder_dir: Path | None = None, method: str = "cellflow",
+                      sharding: Sharding | None = None) -> pd.DataFrame:
     """Trajectories for every configured transition; returns the generation manifest.
 
     With ``work_dir``, every finished batch is kept there until the outputs are complete, so
@@ -75,7 +78,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
     models = [diffusion_dir, classifier_dir, *([decoder_dir] if decoder_dir else [])]
     store = BatchStore(work_dir, {"method": method, "bridge": asdict(config),
                                   "temperature": engine.temperature,
-                                  "models": folder_digest(*models)})
+                                  "models": folder_digest(*models)}, sharding)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, stairs_rows, fourier_rows = [], [], []
     counter = EvaluationCounter()
@@ -89,6 +92,8 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                 result = store.get_or_compute(
                     batch_name(transition, index, batch),
                     partial(_trajectory_arrays, engine, images, source_labels, target_labels))
+                if result is None:
+                    continue  # another shard's batch
                 add_counts(counter, result["counter"])
                 frames = result["frames"]
                 for b, source_id in enumerate(batch["id"]):
@@ -119,6 +124,8 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                     strip_sources += list(to_uint8(images[:keep]))
                     strip_frames += list(frames[:keep])
                     strip_stairs += [list(map(int, s)) for s in result["stairs"][:keep]]
+            if not strip_sources:
+                continue  # a shard that has none of this transition's batches
             target_example = real_example(data, data_manifest.parent, transition.target)
             save_trajectory_strip(
                 strip_sources, strip_frames, strip_stairs, target_example,
@@ -126,7 +133,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
                 f"{dataset.name}: {transition.source} → {transition.target} ({_TITLES[method]})")
         manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         write_table(staging / "manifest.tsv", manifest)
-        stairs_table = pd.DataFrame(stairs_rows)
+        stairs_table = pd.DataFrame(stairs_rows, columns=STAIRS_COLUMNS)
         write_table(staging / "stairs.tsv", stairs_table)
         write_table(staging / "fourier.tsv", pd.DataFrame(fourier_rows))
         first_frames = stairs_table[stairs_table["frame_index"] == 1]

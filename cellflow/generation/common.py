@@ -40,6 +40,7 @@ from cellflow.config import DatasetConfig, Transition
 from cellflow.data import load_images
 from cellflow.diffusion import NoiseSchedule
 from cellflow.io import write_text
+from cellflow.resume import Sharding
 from cellflow.training import to_model_range
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class GenerationJob:
     models: dict[str, Path]
     out_dir: Path
     work_dir: Path | None = None
+    sharding: Sharding | None = None  # this job's part of a sharded method
 
 
 def bridge_engine(schedule: NoiseSchedule, config: BridgeConfig, diffusion_dir: Path,

@@ -27,26 +27,27 @@ from cellflow.generation.common import (
     write_summary,
 )
 from cellflow.io import save_png, staged_directory, write_table
-from cellflow.resume import BatchStore, folder_digest
+from cellflow.resume import BatchStore, Sharding, folder_digest
 
 
 def run(job: GenerationJob) -> pd.DataFrame:
     return generate_ddib(job.dataset, job.schedule, job.bridge, job.settings, job.data_manifest,
                          job.models["diffusion"], None, job.out_dir, job.work_dir,
-                         decoder_dir=job.models.get("decoder"))
+                         decoder_dir=job.models.get("decoder"), sharding=job.sharding)
 
 
 def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[str, Any],
                   ddib: dict[str, Any], data_manifest: Path, diffusion_dir: Path,
                   classifier_dir: Path | None, out_dir: Path, work_dir: Path | None = None,
-                  decoder_dir: Path | None = None) -> pd.DataFrame:
+                  decoder_dir: Path | None = None, sharding: Sharding | None = None
+                  ) -> pd.DataFrame:
     """DDIB translations (endpoints only, hard target labels) for every transition; decoding
     is unguided, so ``classifier_dir`` is not read."""
     config = BridgeConfig.from_dict(bridge)
     engine = bridge_engine(schedule, config, diffusion_dir, None, decoder_dir=decoder_dir)
     models = [diffusion_dir, *([decoder_dir] if decoder_dir else [])]
     store = BatchStore(work_dir, {"method": "ddib", "bridge": asdict(config),
-                                  "models": folder_digest(*models)})
+                                  "models": folder_digest(*models)}, sharding)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
@@ -58,6 +59,8 @@ def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[
                 result = store.get_or_compute(
                     batch_name(transition, index, batch),
                     partial(image_arrays, engine.ddib, images, source_labels, target_labels))
+                if result is None:
+                    continue  # another shard's batch
                 add_counts(counter, result["counter"])
                 for source_id, image in zip(batch["id"], result["images"], strict=True):
                     path = f"images/{source_id}__{transition.source}-to-{transition.target}.png"

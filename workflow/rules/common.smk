@@ -299,8 +299,41 @@ def generation_model_arguments(wildcards, input):
     return " ".join(
         f"--{model} {getattr(input, model)}"
         for model in input.keys()
-        if model != "manifest"
+        if model not in ("manifest", "shards")
     )
+
+
+def generation_shards(dataset, method):
+    """How many jobs compute a method's batches (generation.shards); imported images are
+    only read, never sharded."""
+    if GENERATION_METHODS[method].writes == "imported images":
+        return 1
+    shards = config["generation"]["shards"]
+    return shards if isinstance(shards, int) else shards.get(dataset, 1)
+
+
+def shard_records(wildcards):
+    """The records of a sharded method's shards, which its gather job reads."""
+    count = generation_shards(wildcards.dataset, wildcards.method)
+    if count == 1:
+        return []
+    return [
+        f"results/{wildcards.dataset}/trajectories/shards/{wildcards.method}/{index}-of-{count}.json"
+        for index in range(count)
+    ]
+
+
+def gather_arguments(wildcards, input):
+    """--shards N --shard-records ... for the gather of a sharded method; '' otherwise."""
+    if not input.shards:
+        return ""
+    return f"--shards {len(input.shards)} --shard-records {input.shards}"
+
+
+def generation_gpus(wildcards):
+    """The GPUs a generate job computes on: none for a gather, whose shards computed."""
+    sharded = generation_shards(wildcards.dataset, wildcards.method) > 1
+    return 0 if sharded else config["bridge"]["gpus"]
 
 
 def generation_spec(wildcards):
@@ -511,10 +544,15 @@ def latent_gpus(wildcards):
 
 
 def python_launcher(model):
-    """`python -m`, or `accelerate launch -m` over several GPUs (data parallel)."""
+    """`python -m`, or `accelerate launch -m` over several GPUs (data parallel), started by
+    cellflow.gpu_slots so that on a local run the launch holds devices of its own (its
+    workers find them taken)."""
     gpus = config[model]["train"]["gpus"]
     if gpus > 1:
-        return f"accelerate launch --multi_gpu --num_processes {gpus} -m"
+        return (
+            f"python -m cellflow.gpu_slots {gpus} --"
+            f" accelerate launch --multi_gpu --num_processes {gpus} -m"
+        )
     return "python -m"
 
 
@@ -622,6 +660,15 @@ def job_benchmarks(wildcards):
             dataset=dataset,
             method=generative_methods(dataset),
         )
+        files += [
+            rules.generate_shard.benchmark.format(
+                dataset=dataset, method=method, shard=index, shards=count
+            )
+            for method in generative_methods(dataset)
+            for count in [generation_shards(dataset, method)]
+            if count > 1
+            for index in range(count)
+        ]
         files += expand(
             rules.train_downstream.benchmark,
             dataset=dataset,

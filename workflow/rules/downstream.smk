@@ -29,7 +29,7 @@ rule train_downstream:
         "python -m cellflow.cli downstream train --spec {params.spec:q}"
         " --manifest {input.manifest} {params.generated} --backbone {wildcards.backbone}"
         " --strategy {wildcards.strategy} --seed {wildcards.seed} --out {params.folder}"
-        " --work {params.work} --threads {threads} --log {log}"
+        " --work {params.work} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule summarize_downstream:

@@ -73,7 +73,7 @@ rule fidelity:
     shell:
         "python -m cellflow.cli evaluate fidelity --spec {params.spec:q}"
         " --manifest {input.manifest} --image-set {wildcards.image_set} {params.generated}"
-        " --features {input.features} --out {output} --threads {threads} --log {log}"
+        " --features {input.features} --out {output} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule analyse_trajectories:
@@ -105,7 +105,7 @@ rule analyse_trajectories:
         " --manifest {input.manifest} --generated {input.trajectories}"
         " --classifier {input.classifier} --real-cellularity {input.real}"
         " --generated-cellularity {input.frames} --out {params.folder}"
-        " --threads {threads} --log {log}"
+        " --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule temporal_coherence:
@@ -131,7 +131,7 @@ rule temporal_coherence:
     shell:
         "python -m cellflow.cli evaluate coherence --spec {params.spec:q}"
         " --manifest {input.manifest} --generated {input.trajectories}"
-        " --features {input.features} --out {output} --threads {threads} --log {log}"
+        " --features {input.features} --out {output} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule memorization:
@@ -159,4 +159,4 @@ rule memorization:
     shell:
         "python -m cellflow.cli evaluate memorization --spec {params.spec:q}"
         " --manifest {input.manifest} --generated {input.generated}"
-        " --features {input.features} --out {params.folder} --threads {threads} --log {log}"
+        " --features {input.features} --out {params.folder} --threads {threads} --log {log} --gpus {resources.gpu}"

@@ -43,7 +43,7 @@ rule train_diffusion:
     shell:
         "{params.launcher} cellflow.cli train diffusion --spec {params.spec:q}"
         " --manifest {input.manifest} --out {output.model}"
-        " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+        " --checkpoints {params.checkpoints} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule train_classifier:
@@ -77,7 +77,7 @@ rule train_classifier:
     shell:
         "{params.launcher} cellflow.cli train classifier --spec {params.spec:q}"
         " --manifest {input.manifest} --out {output.model}"
-        " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+        " --checkpoints {params.checkpoints} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule train_autoencoder:
@@ -111,7 +111,7 @@ rule train_autoencoder:
     shell:
         "{params.launcher} cellflow.cli train autoencoder --spec {params.spec:q}"
         " --manifest {input.manifest} --out {output.model}"
-        " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+        " --checkpoints {params.checkpoints} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 # The latent baselines' generators (LDM, DiT), in the autoencoder's latent space.
@@ -146,7 +146,7 @@ rule train_latent:
     shell:
         "{params.launcher} cellflow.cli train {wildcards.model} --spec {params.spec:q}"
         " --manifest {input.manifest} --autoencoder {input.autoencoder} --out {output.model}"
-        " --checkpoints {params.checkpoints} --threads {threads} --log {log}"
+        " --checkpoints {params.checkpoints} --threads {threads} --log {log} --gpus {resources.gpu}"
 
 
 rule use_pretrained:
@@ -171,4 +171,4 @@ rule use_pretrained:
         spec=pretrained_spec,
     shell:
         "python -m cellflow.cli use-pretrained --spec {params.spec:q}"
-        " --manifest {input.manifest} --out {output.model} --threads {threads} --log {log}"
+        " --manifest {input.manifest} --out {output.model} --threads {threads} --log {log} --gpus {resources.gpu}"

@@ -1,0 +1,81 @@
+"""One generation method spread over several jobs: shards compute, one gather writes.
+
+Shard ``i`` of ``n`` runs the method with a :class:`~cellflow.resume.Sharding` that makes it
+compute and store only its batches (positions ``i, i + n, ...`` of the method's batch order)
+in the job's work folder, and writes a small record of what it stored; its other outputs are
+scratch. The gather checks that the records are the ``n`` shards of one plan, runs the method
+as one job would (every batch is found stored; a missing one is an error naming its shard)
+and writes the method's outputs exactly as an unsharded job does.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cellflow.generation import GenerationMethod
+from cellflow.generation.common import GenerationJob
+from cellflow.io import write_text
+from cellflow.resume import ShardError, Sharding
+
+__all__ = ["ShardError", "check_shard_records", "run_gather", "run_shard"]
+
+
+def run_shard(method: GenerationMethod, job: GenerationJob, index: int, count: int,
+              record: Path) -> list[str]:
+    """Compute and store shard ``index`` of ``count``; write its record; return its batches."""
+    if job.work_dir is None:
+        raise ShardError(f"shard {index} of {count} of {method.name}: needs a work folder")
+    sharding = Sharding(count, index)
+    job.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=job.work_dir, prefix=f".shard{index}-") as scratch:
+        method.run(replace(job, out_dir=Path(scratch) / "outputs", sharding=sharding))
+    write_text(record, json.dumps({
+        "method": method.name, "dataset": job.dataset.name, "shard": index, "shards": count,
+        "batches": sharding.stored}, indent=2) + "\n")
+    return sharding.stored
+
+
+def check_shard_records(records: Sequence[Path], count: int, method: str, dataset: str
+                        ) -> list[dict[str, Any]]:
+    """The records of shards ``0 .. count - 1`` of one method and dataset, each once, with
+    no batch stored by two of them; anything else is an error naming the record."""
+    read: dict[int, tuple[Path, dict[str, Any]]] = {}
+    stored_by: dict[str, Path] = {}
+    for path in records:
+        try:
+            record = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ShardError(f"{path}: not a readable shard record ({err})") from None
+        expected = {"method": method, "dataset": dataset, "shards": count}
+        wrong = {key: record.get(key) for key, value in expected.items()
+                 if record.get(key) != value}
+        if wrong:
+            raise ShardError(f"{path}: a shard record of another plan ({wrong}; expected "
+                             f"{expected})")
+        index = record.get("shard")
+        if index in read:
+            raise ShardError(f"{path}: shard {index} of {count} again (also {read[index][0]})")
+        read[index] = (Path(path), record)
+        for batch in record["batches"]:
+            if batch in stored_by:
+                raise ShardError(f"{path}: batch {batch} was stored by {stored_by[batch]} too")
+            stored_by[batch] = Path(path)
+    missing = sorted(set(range(count)) - set(read))
+    if missing:
+        raise ShardError(f"{method} of {dataset}: no record of shard(s) "
+                         f"{', '.join(map(str, missing))} of {count}")
+    return [read[index][1] for index in range(count)]
+
+
+def run_gather(method: GenerationMethod, job: GenerationJob, records: Sequence[Path],
+               count: int) -> pd.DataFrame:
+    """Check the ``count`` shards' records and write the method's outputs from their batches."""
+    check_shard_records(records, count, method.name, job.dataset.name)
+    return method.run(replace(job, sharding=Sharding(count)))
