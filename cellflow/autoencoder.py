@@ -217,6 +217,8 @@ def train_autoencoder(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint
         checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
         description=f"autoencoder {spec.dataset.name}",
     )
+    if not result.is_main_process:
+        return result  # the main process samples and writes the outputs
     ema_vae = result.ema.vae.eval()
     require_finite(ema_vae, f"autoencoder of {spec.dataset.name}")
     scaling_factor = latent_scaling_factor(ema_vae, torch.from_numpy(images))

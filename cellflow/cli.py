@@ -32,20 +32,24 @@ def check_config(path: str) -> int:
 
 def _job_setup(threads: int | None, log_file: str | None) -> None:
     """What every pipeline job does first: log to its file (which names the machine and the
-    GPUs the job sees), use its share of the CPUs."""
+    GPUs the job sees), use its share of the CPUs. Under `accelerate launch` each process
+    logs to a file of its own and takes its share of the job's threads."""
+    import os
+
     from cellflow.logs import log_to_file
 
+    rank, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if log_file:
         import logging
 
         from cellflow.machine import describe_machine
 
-        log_to_file(log_file)
+        log_to_file(log_file if rank == 0 else f"{log_file}.rank{rank}")
         logging.getLogger("cellflow").info("machine: %s", describe_machine())
     if threads:
         import torch  # only jobs that compute pay for importing it
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(max(1, threads // processes))
 
 
 def train(model: str, spec_json: str, manifest: str, out: str, checkpoints: str,

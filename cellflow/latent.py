@@ -327,6 +327,8 @@ def _train_latent(kind: Kind, spec: StageSpec, manifest: Path, autoencoder_dir: 
         checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
         description=f"{kind} {spec.dataset.name}",
     )
+    if not result.is_main_process:
+        return result  # the main process samples and writes the outputs
     ema = result.ema.eval()
     require_finite(ema, f"{kind} model of {spec.dataset.name}")
     vae.to(next(ema.parameters()).device)

@@ -145,6 +145,8 @@ def train_diffusion(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_r
         checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
         description=f"diffusion {spec.dataset.name}",
     )
+    if not result.is_main_process:
+        return result  # the main process samples and writes the outputs
     samples = spec.settings["samples"]
     grid_labels = torch.arange(len(spec.dataset.classes)).repeat_interleave(samples["per_class"])
     generator = torch.Generator().manual_seed(spec.seed)
@@ -225,6 +227,8 @@ def train_classifier(spec: StageSpec, manifest: Path, out_dir: Path, checkpoint_
         checkpoint_folder(checkpoint_root, fingerprint), fingerprint,
         description=f"classifier {spec.dataset.name}",
     )
+    if not result.is_main_process:
+        return result, pd.DataFrame()  # the main process evaluates and writes the outputs
     require_finite(result.ema, f"classifier of {spec.dataset.name}")
     val_images, val_labels = load_split(manifest, "val")
     evaluation = spec.settings["eval"]

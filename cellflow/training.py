@@ -6,6 +6,10 @@ parallelism; this loop adds what makes a run repeatable and resumable:
 * every random draw of step s (batch indices, augmentation, noise, t, dropout) comes from a
   generator seeded with (seed, s, micro-batch), so no RNG state needs saving and a resumed run
   takes exactly the same steps as an uninterrupted one;
+* with N processes (``accelerate launch``), process k draws and trains micro-batch m·N + k of
+  the step: N processes with A accumulation steps train on the same samples, timesteps and
+  noise as one process with N·A accumulation steps of the same ``batch_size``, and reach its
+  weights up to the order of the gradient all-reduce (``benchmarks/results/multiprocess.md``);
 * checkpoints (weights, EMA weights, optimizer and LR-schedule state) are written atomically
   every ``checkpoint_every`` steps into a folder outside the job's declared outputs, and a
   rerun continues from the latest one.
@@ -77,6 +81,8 @@ class TrainResult:
     log: pd.DataFrame
     resumed_from_step: int
     seconds: float
+    # False in the other processes of a multi-process run: only the main one writes outputs.
+    is_main_process: bool = True
 
 
 def step_generator(seed: int, step: int, micro_batch: int) -> torch.Generator:
@@ -128,9 +134,14 @@ def train_model(
                     config.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, cpu=not use_cuda,
                               gradient_accumulation_steps=config.grad_accum_steps)
-    micro_batch = _micro_batch_size(config, accelerator.num_processes)
+    processes = accelerator.num_processes
+    micro_batch = _micro_batch_size(config, processes)
     if len(images) == 0:
         raise ValueError(f"{description}: no training images")
+    if processes > 1:
+        # The draws of a step depend on the number of processes: a checkpoint written by
+        # another number would resume into a run that matches neither.
+        fingerprint = {**fingerprint, "processes": processes}
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   weight_decay=config.weight_decay)
@@ -138,7 +149,10 @@ def train_model(
                              num_training_steps=config.steps)
     # Warm-up lets a short run average over its own steps instead of the initial weights.
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)
-    start = _resume(checkpoint_dir, model, ema, optimizer, schedule, fingerprint)
+    # The main process removes unfinished saves and sets corrupt checkpoints aside before the
+    # others look, so that no two processes rename the same folder.
+    with accelerator.main_process_first():
+        start = _resume(checkpoint_dir, model, ema, optimizer, schedule, fingerprint)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.to(accelerator.device)
 
@@ -155,11 +169,11 @@ def train_model(
         model.train()
         losses = []
         for micro in range(config.grad_accum_steps):
-            generator = step_generator(seed, step, micro)
+            # A whole micro-batch per process: the loss functions draw t and noise for the batch
+            # they are given, so a process could not reproduce a slice of a larger one.
+            generator = step_generator(seed, step, micro * processes + accelerator.process_index)
             torch.manual_seed(generator.initial_seed())  # dropout, if any, follows the step too
-            chosen = torch.randint(0, len(images), (micro_batch * accelerator.num_processes,),
-                                   generator=generator)
-            chosen = chosen[accelerator.process_index::accelerator.num_processes]
+            chosen = torch.randint(0, len(images), (micro_batch,), generator=generator)
             batch = to_model_range(images[chosen])
             if config.augment:
                 batch = dihedral_augment(batch, generator)
@@ -197,7 +211,7 @@ def train_model(
     progress.close()
     log_table = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
     return TrainResult(accelerator.unwrap_model(model), ema.module, log_table, start,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, accelerator.is_main_process)
 
 
 def _micro_batch_size(config: TrainConfig, processes: int) -> int:

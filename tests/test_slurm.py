@@ -97,3 +97,28 @@ def test_paper_jobs_request_gpus_only_where_networks_run(tmp_path):
         wants_gpu = any("gpu=1" in line for line in lines)
         assert wants_gpu == (name in gpu_rules), (name, lines)
         assert all("mem_mb=" in line and "runtime=" in line for line in lines), (name, lines)
+
+
+def test_a_two_gpu_training_asks_for_one_node_two_gpus_and_one_launch(tmp_path):
+    from tests.test_multiprocess import slurm_request
+
+    config = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    config["diffusion"]["train"]["gpus"] = 2
+    path = tmp_path / "two-gpus.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-p", "-s", str(REPO / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(path), "--config", "only_datasets=[mhist]",
+         "--until", "train_diffusion"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    block = result.stdout.split("rule train_diffusion:", 1)[1].split("\n\n", 1)[0]
+    resources = dict(item.split("=", 1) for item in
+                     block.split("resources:", 1)[1].splitlines()[0].strip().split(", "))
+    assert resources["gpu"] == "2" and resources["nodes"] == "1" and "tasks" not in resources
+    assert "gpu_slots 2 -- accelerate launch --multi_gpu --num_processes 2" in block
+    sbatch, _ = slurm_request({"gpu": 2, "nodes": 1, "mem_mb": int(resources["mem_mb"]),
+                               "runtime": int(resources["runtime"])}, threads=4)
+    assert {"--gpus=2", "--nodes=1"} <= set(sbatch)
+    assert not [option for option in sbatch if option.startswith("--ntasks")]

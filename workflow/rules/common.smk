@@ -551,7 +551,8 @@ def python_launcher(model):
     if gpus > 1:
         return (
             f"python -m cellflow.gpu_slots {gpus} --"
-            f" accelerate launch --multi_gpu --num_processes {gpus} -m"
+            f" accelerate launch --multi_gpu --num_processes {gpus} --num_machines 1"
+            " --dynamo_backend no --main_process_port 0 -m"
         )
     return "python -m"
 

@@ -33,9 +33,10 @@ rule train_diffusion:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
+        mem_mb=attempt_scaled(8000 * max(1, config["diffusion"]["train"]["gpus"])),
         runtime=attempt_scaled(config["diffusion"]["train"]["runtime_minutes"]),
         gpu=config["diffusion"]["train"]["gpus"],
+        nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
         spec=training_spec("diffusion"),
         launcher=python_launcher("diffusion"),
@@ -67,9 +68,10 @@ rule train_classifier:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
+        mem_mb=attempt_scaled(8000 * max(1, config["classifier"]["train"]["gpus"])),
         runtime=attempt_scaled(config["classifier"]["train"]["runtime_minutes"]),
         gpu=config["classifier"]["train"]["gpus"],
+        nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
         spec=training_spec("classifier"),
         launcher=python_launcher("classifier"),
@@ -101,9 +103,10 @@ rule train_autoencoder:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
+        mem_mb=attempt_scaled(8000 * max(1, config["autoencoder"]["train"]["gpus"])),
         runtime=attempt_scaled(config["autoencoder"]["train"]["runtime_minutes"]),
         gpu=config["autoencoder"]["train"]["gpus"],
+        nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
         spec=training_spec("autoencoder"),
         launcher=python_launcher("autoencoder"),
@@ -139,6 +142,7 @@ rule train_latent:
         mem_mb=attempt_scaled(8000),
         runtime=latent_runtime,
         gpu=latent_gpus,
+        nodes=1,
     params:
         spec=latent_training_spec,
         launcher=latent_launcher,
