@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     # is its HTML file (a record is written for the outputs that exist)
     outputs = [Path(args.out + ".png"), Path(args.out)] if args.command == "figures" \
         else [Path(args.out)]
+    if getattr(args, "shard", None) is not None:
+        outputs = []  # a shard's record is temporary and holds its provenance itself
     positional = next(getattr(args, name) for name in ("model", "method", "action", "kind")
                       if hasattr(args, name))
     spec = getattr(args, "spec", None)

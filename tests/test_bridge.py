@@ -370,6 +370,8 @@ def test_sharded_generation_writes_what_one_job_writes(models, tmp_path):
         stored = [run_shard(method, job(sharded, work), i, 3, record)
                   for i, record in enumerate(records)]
         assert sum(map(len, stored)) == (2 if name == "cellflow" else 6)
+        record = json.loads(records[1].read_text())
+        assert record["batches"] == stored[1] and record["provenance"]["shard"] == "1 of 3"
         assert not sharded.exists()  # a shard writes only its record and its batches
         with pytest.raises(ShardError, match=r"no record of shard\(s\) 1 of 3"):
             run_gather(method, job(sharded, work), [records[0], records[2]], 3)

@@ -14,6 +14,7 @@ import json
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import pandas as pd
 from cellflow.generation import GenerationMethod
 from cellflow.generation.common import GenerationJob
 from cellflow.io import write_text
+from cellflow.provenance import collect
 from cellflow.resume import ShardError, Sharding
 
 __all__ = ["ShardError", "check_shard_records", "run_gather", "run_shard"]
@@ -33,12 +35,16 @@ def run_shard(method: GenerationMethod, job: GenerationJob, index: int, count: i
     if job.work_dir is None:
         raise ShardError(f"shard {index} of {count} of {method.name}: needs a work folder")
     sharding = Sharding(count, index)
+    started = datetime.now(timezone.utc)
     job.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=job.work_dir, prefix=f".shard{index}-") as scratch:
         method.run(replace(job, out_dir=Path(scratch) / "outputs", sharding=sharding))
     write_text(record, json.dumps({
         "method": method.name, "dataset": job.dataset.name, "shard": index, "shards": count,
-        "batches": sharding.stored}, indent=2) + "\n")
+        "batches": sharding.stored,
+        # the record is temporary (the gather consumes it), so its provenance is inside it
+        "provenance": collect(started, config_hash=None, shard=f"{index} of {count}",
+                              rule=f"generate {method.name}")}, indent=2) + "\n")
     return sharding.stored
 
 
