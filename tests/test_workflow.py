@@ -49,14 +49,15 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     config["diffusion"]["samples"] = {"per_class": 1, "ddim_steps": 2}
     config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
     config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
-    config["baselines"] = {"ddib": {"sources_per_transition": 1}, "adm": {"per_class": 1}}
-    # every kind of output flows through every stage: trajectories, translations, class
-    # samples, a latent baseline at toy size (DiT; the LDM shares its code, tests/test_latent)
-    # and an external generator's images. The classifier-free bridge writes what Cellflow
-    # writes (tests/test_cfg); its null class is trained here all the same.
+    config["baselines"] = {"adm": {"per_class": 1}}
+    # every rule runs, and every kind of method flows through every stage: trajectories,
+    # class samples, a latent baseline at toy size (DiT; the LDM shares its code,
+    # tests/test_latent) and an external generator's images. DDIB's translations and the
+    # classifier-free bridge run through the same rules (tests/test_bridge, tests/test_cfg);
+    # the null class is trained here all the same.
     config["diffusion"]["label_dropout"] = 0.2
     config["generation"] = {
-        "methods": ["cellflow", "ddib", "adm", "dit", "elsewhere"],
+        "methods": ["cellflow", "adm", "dit", "elsewhere"],
         "external": {"elsewhere": {"root": str(external_images(tmp_path, config))}}}
     short = {"steps": 3, "checkpoint_every": 2, "batch_size": 4}
     config["autoencoder"] = {"model": {"factor": 4, "latent_channels": 3,
@@ -230,7 +231,6 @@ def test_demo_pipeline_end_to_end(demo_run, tmp_path):
     trajectories = workdir / "results" / "synthetic" / "trajectories"
     cellflow = pd.read_csv(trajectories / "cellflow" / "manifest.tsv", sep="\t")
     assert len(cellflow) == 2 * 2 * 2  # transitions x sources x frames
-    assert len(pd.read_csv(trajectories / "ddib" / "manifest.tsv", sep="\t")) == 2
     assert len(pd.read_csv(trajectories / "adm" / "manifest.tsv", sep="\t")) == 3
     assert (trajectories / "cellflow" / "strips" / "normal-to-hyperplastic.png").is_file()
     # the null class: one label embedding more than classes
@@ -328,8 +328,7 @@ def test_demo_evaluation_tables(demo_run):
 SUMMARY_FIGURES = ["classification", "fidelity", "trajectories", "runtimes"]
 DATASET_FIGURES = ["training_curves", "trajectory_strips", "cellularity_curves",
                    "fourier_stairs", "cellularity_validation", "side_by_side", "memorization",
-                   "per_class", "closest_pairs/cellflow", "closest_pairs/ddib",
-                   "closest_pairs/adm"]
+                   "per_class", "closest_pairs/cellflow", "closest_pairs/adm"]
 
 
 @pytest.mark.slow
@@ -361,13 +360,13 @@ def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_
 def test_the_memorization_check_covers_every_generative_method(demo_run):
     workdir, _ = demo_run
     evaluation = workdir / "results" / "synthetic" / "evaluation" / "memorization"
-    for method in ("cellflow", "ddib", "adm"):
+    for method in ("cellflow", "adm"):
         neighbours = pd.read_csv(evaluation / method / "neighbours.tsv", sep="\t")
         assert neighbours["distance_pixel"].ge(0).all()
         assert {"ratio_pixel", "ratio_domain", "nearest_id_pixel"} <= set(neighbours.columns)
     summary = pd.read_csv(workdir / "results" / "synthetic" / "figures" / "tables"
                           / "memorization.tsv", sep="\t", keep_default_na=False)
-    assert set(summary["method"]) == {"real", "cellflow", "ddib", "adm", "dit", "elsewhere"}
+    assert set(summary["method"]) == {"real", "cellflow", "adm", "dit", "elsewhere"}
     assert "flags" in summary.columns
 
 
