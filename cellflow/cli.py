@@ -586,13 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command not in JOB_COMMANDS:
         return _dispatch(args)
-    if getattr(args, "gpus", 0):
+    gpus = getattr(args, "gpus", 0)  # the figure jobs have no --gpus
+    if gpus:
         from cellflow.gpu_slots import acquire
 
         # a local run on a multi-GPU machine: free devices of this job's own, taken before
         # anything starts CUDA (which reads CUDA_VISIBLE_DEVICES once); under SLURM the
         # allocation's devices as given. They stay locked until this process exits.
-        acquire(getattr(args, "gpus", 0))
+        acquire(gpus)
     from cellflow.provenance import config_digest, recorded
 
     # most figure jobs' --out is a stem, and their record goes with the PNG; the front page's

@@ -10,30 +10,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets.aml import KIND, read
 from cellflow.datasets.common import DataError
+from tests.layouts import PREPARE, dataset_config, edit_line
 from tests.layouts.aml import COMMON, make_aml
 
-PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="drop",
-                        contact_sheet_images=4)
 SELECTED = ("MYO", "NGS", "LYT")
 ALL_CLASSES = KIND.known_classes({})
 
 
 def aml_config(root: Path, classes=ALL_CLASSES) -> DatasetConfig:
-    return DatasetConfig(
-        name="aml", kind="aml", resolution=16, classes=tuple(classes), transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64), root=root, options={},
-    )
-
-
-def edit_line(sheet: Path, line: int, text: str) -> None:
-    lines = sheet.read_text().splitlines()
-    lines[line - 1] = text
-    sheet.write_text("\n".join(lines) + "\n")
+    return dataset_config("aml", root, classes)
 
 
 def test_reads_class_folders_and_reannotations(tmp_path, caplog):

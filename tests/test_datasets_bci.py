@@ -8,23 +8,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets.bci import read
 from cellflow.datasets.common import DataError
+from tests.layouts import PREPARE, dataset_config
 from tests.layouts.bci import UNPAIRED, make_bci
 
-PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="drop",
-                        contact_sheet_images=4)
 LEVELS = ("0", "1+", "2+", "3+")
 
 
 def bci_config(root: Path) -> DatasetConfig:
-    return DatasetConfig(
-        name="bci", kind="bci", resolution=16, classes=LEVELS, transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64), root=root, options={},
-    )
+    return dataset_config("bci", root, LEVELS)
 
 
 def test_reads_levels_splits_and_ihc_partners(tmp_path, caplog):

@@ -10,29 +10,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets import KINDS, DataError
+from tests.layouts import PREPARE, dataset_config
 from tests.layouts.breastpathq import DEFAULT_CLASSES, BreastPathQLayout, make_breastpathq
 
 KIND = KINDS["breastpathq"]
-PREPARE = PrepareConfig(
-    on_corrupt="exclude", on_small="upscale", on_duplicate="drop", contact_sheet_images=4
-)
 
 
 def config(root: Path, classes=DEFAULT_CLASSES, **options) -> DatasetConfig:
-    return DatasetConfig(
-        name="bpq",
-        kind="breastpathq",
-        resolution=16,
-        classes=tuple(classes),
-        transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.25),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64),
-        root=root,
-        options={"bin_edges": [0.0, 0.3, 0.7], **options},
-    )
+    return dataset_config("breastpathq", root, classes, name="bpq", test_fraction=0.25,
+                          options={"bin_edges": [0.0, 0.3, 0.7], **options})
 
 
 @pytest.fixture

@@ -8,23 +8,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets.chaoyang import KIND, read
 from cellflow.datasets.common import DataError
+from tests.layouts import PREPARE, dataset_config
 from tests.layouts.chaoyang import CLASSES, make_chaoyang
 
-PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="drop",
-                        contact_sheet_images=4)
 ANNOTATOR_COLUMNS = ("label_a", "label_b", "label_c")
 
 
 def chaoyang_config(root: Path, classes=CLASSES) -> DatasetConfig:
-    return DatasetConfig(
-        name="chaoyang", kind="chaoyang", resolution=16, classes=tuple(classes), transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64), root=root, options={},
-    )
+    return dataset_config("chaoyang", root, classes)
 
 
 def records(path: Path) -> list[dict]:

@@ -5,28 +5,20 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig, SplitConfig, SyntheticConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets import KINDS
 from cellflow.datasets.common import DataError
 from cellflow.datasets.cpia import KIND, overlapping_kind, read, wsi_of
+from tests.layouts import PREPARE, dataset_config
 from tests.layouts.cpia import SUB_DATASETS, make_cpia
 
 GUARD = "sub-dataset left out: holds {}'s images (leakage guard, options.exclude_overlap_with)"
 
 
 def cpia(root: Path, classes=(), resolution=16, **options) -> DatasetConfig:
-    return DatasetConfig(
-        name="pool",
-        kind="cpia",
-        resolution=resolution,
-        classes=tuple(classes),
-        transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64),
-        root=root,
-        options={"exclude": [], "exclude_overlap_with": [], **options},
-    )
+    return dataset_config("cpia", root, classes, name="pool", resolution=resolution,
+                          options={"exclude": [], "exclude_overlap_with": [], **options})
 
 
 def by_path(listing):
@@ -298,11 +290,8 @@ def test_missing_root_is_an_error(tmp_path):
 def test_prepares_the_pool_without_the_guarded_sub_datasets(tmp_path):
     layout = make_cpia(tmp_path / "cpia")
     out = tmp_path / "prepared"
-    prepare = PrepareConfig(
-        on_corrupt="exclude", on_small="upscale", on_duplicate="drop", contact_sheet_images=4
-    )
     dataset = cpia(layout.root, exclude_overlap_with=["mhist", "prcc"])
-    prepare_dataset(dataset, prepare, layout.root, out, seed=0)
+    prepare_dataset(dataset, PREPARE, layout.root, out, seed=0)
     manifest = pd.read_csv(out / "manifest.tsv", sep="\t", keep_default_na=False)
     kept = set(SUB_DATASETS) - {"MHIST", "TCGA-KIRP-384"}
     assert set(manifest["label_name"]) == kept

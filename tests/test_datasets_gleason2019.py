@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig, PrepareConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets import KINDS
 from cellflow.datasets.common import DataError
 from cellflow.datasets.gleason2019 import KIND, consensus_map, read, survey, window_counts
+from tests.layouts import dataset_config
 from tests.layouts.gleason2019 import (
     ANNOTATORS,
     CORE_SIZES,
@@ -29,17 +30,8 @@ from tests.layouts.gleason2019 import (
 def dataset(
     root: Path, classes=("benign", "grade3", "grade4", "grade5"), **options
 ) -> DatasetConfig:
-    return DatasetConfig(
-        name="gleason",
-        kind="gleason2019",
-        resolution=16,
-        classes=tuple(classes),
-        transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64),
-        root=root,
-        options={**OPTIONS, **options},
-    )
+    return dataset_config("gleason2019", root, classes, name="gleason",
+                          options={**OPTIONS, **options})
 
 
 @pytest.fixture

@@ -8,29 +8,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets.common import DataError
 from cellflow.datasets.mhist import read
+from tests.layouts import PREPARE, dataset_config, edit_line
 from tests.layouts.mhist import ANNOTATORS, HEADER, make_mhist
-
-PREPARE = PrepareConfig(on_corrupt="exclude", on_small="upscale", on_duplicate="drop",
-                        contact_sheet_images=4)
 
 
 def mhist_config(root: Path, min_agreement: int = 4) -> DatasetConfig:
-    return DatasetConfig(
-        name="mhist", kind="mhist", resolution=16, classes=("HP", "SSA"), transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64), root=root,
-        options={"min_agreement": min_agreement},
-    )
-
-
-def edit_line(sheet: Path, line: int, text: str) -> None:
-    lines = sheet.read_text().splitlines()
-    lines[line - 1] = text
-    sheet.write_text("\n".join(lines) + "\n")
+    return dataset_config("mhist", root, ("HP", "SSA"),
+                          options={"min_agreement": min_agreement})
 
 
 def test_reads_labels_partition_and_votes(tmp_path, caplog):

@@ -10,29 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cellflow.config import DatasetConfig, PrepareConfig, SplitConfig, SyntheticConfig
+from cellflow.config import DatasetConfig
 from cellflow.data import prepare_dataset
 from cellflow.datasets import KINDS, DataError
+from tests.layouts import PREPARE, dataset_config
 from tests.layouts.prcc import PrccLayout, make_prcc
 
 KIND = KINDS["prcc"]
-PREPARE = PrepareConfig(
-    on_corrupt="exclude", on_small="upscale", on_duplicate="drop", contact_sheet_images=4
-)
 
 
 def config(root: Path, **options) -> DatasetConfig:
-    return DatasetConfig(
-        name="prcc",
-        kind="prcc",
-        resolution=16,
-        classes=("type1", "type2"),
-        transitions=(),
-        split=SplitConfig(val_fraction=0.2, test_fraction=0.2),
-        synthetic=SyntheticConfig(images_per_class=4, image_size=64),
-        root=root,
-        options=options,
-    )
+    return dataset_config("prcc", root, ("type1", "type2"), options=options)
 
 
 @pytest.fixture

@@ -199,13 +199,22 @@ def needed_models(dataset):
     return list(dict.fromkeys(models))
 
 
+def fitting_pool(path, model):
+    """The unlabelled pool whose fitted model a pretrained entry's path names, or None."""
+    for pool in DATASETS:
+        if pool not in BENCHMARK_DATASETS:
+            if os.path.normpath(path) == f"results/{pool}/models/{model}":
+                return pool
+    return None
+
+
 def pool_models(pool):
     """The models of an unlabelled pool that other datasets use as pretrained ones."""
     return [
         model
         for entries in DATASETS_PRETRAINED.values()
         for model, entry in entries.items()
-        if os.path.normpath(entry["path"]) == f"results/{pool}/models/{model}"
+        if fitting_pool(entry["path"], model) == pool
     ]
 
 
@@ -240,12 +249,8 @@ def pretrained_inputs(wildcards):
     if entry is None:
         return {}
     inputs = {"manifest": f"results/{wildcards.dataset}/data/manifest.tsv"}
-    fitted_on_a_pool = any(
-        os.path.normpath(entry["path"]) == f"results/{pool}/models/{wildcards.model}"
-        for pool in DATASETS
-        if pool not in BENCHMARK_DATASETS
-    )
-    if fitted_on_a_pool or os.path.exists(entry["path"]):
+    fitted_here = fitting_pool(entry["path"], wildcards.model) is not None
+    if fitted_here or os.path.exists(entry["path"]):
         inputs["source"] = entry["path"]
     return inputs
 
