@@ -19,12 +19,12 @@ setup:  ## create or reuse the cached environment and link it at .venv
 	@bash tools/setup-env.sh
 
 lint: setup  ## what CI checks besides the tests
-	ruff check cellflow tests benchmarks workflow/scripts
+	ruff check cellflow tests benchmarks
 	snakefmt --check Snakefile workflow/rules
 	snakemake --lint
 
 format: setup
-	ruff check --fix cellflow tests benchmarks workflow/scripts
+	ruff check --fix cellflow tests benchmarks
 	snakefmt Snakefile workflow/rules
 
 dag: setup  ## redraw the rule graph in the README (needs graphviz's dot)

@@ -18,6 +18,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/resources.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/generate.smk"
@@ -38,10 +39,28 @@ onsuccess:
     discard(PREVIOUS_OUTPUTS)
 
 
+# Light jobs (tables, figures, the front page) run where Snakemake runs: on a cluster each
+# would otherwise wait in the queue longer than it computes.
 localrules:
     all,
     figures,
     doctor,
+    summarize_downstream,
+    benchmark_table,
+    figure_classification,
+    figure_fidelity,
+    figure_trajectories,
+    figure_runtimes,
+    figure_training_curves,
+    figure_trajectory_strips,
+    figure_cellularity_curves,
+    figure_fourier_stairs,
+    figure_cellularity_validation,
+    figure_side_by_side,
+    figure_per_class,
+    figure_memorization,
+    figure_closest_pairs,
+    front_page,
 
 
 rule all:

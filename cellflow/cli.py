@@ -13,7 +13,8 @@ from cellflow.generation import METHODS
 MODEL_ARGUMENTS = ("diffusion", "classifier", "decoder", "autoencoder", "ldm", "dit")
 GPUS_HELP = "GPUs this job computes on (a local run pins free devices: cellflow.gpu_slots)"
 # The commands pipeline jobs run; each writes a provenance record with its output.
-JOB_COMMANDS = ("train", "generate", "use-pretrained", "downstream", "evaluate", "figures")
+JOB_COMMANDS = ("data", "train", "generate", "use-pretrained", "downstream", "evaluate",
+                "figures")
 
 
 def check_config(path: str) -> int:
@@ -112,6 +113,33 @@ def generate(method: str, spec_json: str, manifest: str, models: dict[str, str |
     return 0
 
 
+def data(args: argparse.Namespace) -> int:
+    """Render a synthetic dataset, or check, resize and split one dataset."""
+    import json
+
+    from cellflow.config import DatasetConfig, PrepareConfig
+
+    _job_setup(None, args.log)  # neither needs torch: its threads are the job's own
+    spec = json.loads(args.spec)
+    dataset = DatasetConfig.from_dict(spec["dataset_name"], spec["dataset"])
+    out_dir = Path(args.out).parent
+    if args.action == "synthesize":
+        from cellflow.synthetic import generate_dataset
+
+        generate_dataset(out_dir=out_dir, class_names=dataset.classes,
+                         images_per_class=dataset.synthetic.images_per_class,
+                         size=dataset.synthetic.image_size, seed=spec["seed"])
+        return 0
+    from cellflow.data import prepare_dataset, read_ground_truth
+
+    prepare_dataset(dataset=dataset, prepare=PrepareConfig(**spec["prepare"]),
+                    raw_root=Path(args.raw_root), out_dir=out_dir, seed=spec["seed"],
+                    threads=args.threads,
+                    ground_truth=read_ground_truth(args.ground_truth) if args.ground_truth
+                    else None)
+    return 0
+
+
 def use_pretrained(spec_json: str, manifest: str, out: str, threads: int | None,
                    log_file: str | None) -> int:
     """Check a dataset's pretrained model and write it where a trained one would be."""
@@ -193,7 +221,7 @@ def _feature_spaces(spec: dict, domain_weights: str, manifest: Path) -> list:
 
 def evaluate(args: argparse.Namespace) -> int:
     """One evaluation table of one dataset: cellularity, fidelity, trajectories, coherence."""
-    networks = args.action in ("fidelity", "trajectories", "coherence", "memorization")
+    networks = args.action in ("fidelity", "trajectories", "coherence", "memorization", "shard")
     # The cellularity actions run processes, not torch threads: they need not import torch.
     _job_setup(args.threads if networks else None, args.log)
     workers = args.threads or 1
@@ -213,9 +241,21 @@ def evaluate(args: argparse.Namespace) -> int:
     manifest = Path(args.manifest)
     generated = Path(args.generated) if args.generated else None
     cellularity_config = CellularityConfig.from_dict(evaluation["cellularity"])
-    if args.action == "cellularity":
+    if args.action == "cellularity" and args.shard_records is not None:
+        from cellflow.evaluation_shards import assemble_cellularity
+
+        write_table(args.out, assemble_cellularity(spec["dataset_name"], args.image_set,
+                                                   args.shard_records, args.shards,
+                                                   Path(args.work)))
+    elif args.action == "cellularity":
         write_table(args.out, stages.cellularity(args.image_set, manifest, generated,
                                                  cellularity_config, workers))
+    elif args.action == "shard":
+        from cellflow.evaluation_shards import run_shard
+
+        run_shard(spec["dataset_name"], args.image_set, manifest, generated, cellularity_config,
+                  _feature_spaces(spec, args.features, manifest), args.shard, args.shards,
+                  Path(args.work), Path(args.out), workers, device)
     elif args.action == "validate-cellularity":
         from cellflow.cellularity import (
             SCORE_COLUMN,
@@ -381,7 +421,11 @@ def figures(args: argparse.Namespace) -> int:
                              read_table(Path(args.classifier) / "accuracy_by_t.tsv"), runs, out,
                              args.title)
     elif args.kind == "runtimes":
-        draw.runtime_table(_benchmark_files(args.inputs), out, table, describe_machine())
+        from cellflow.provenance import provenance_table, records_under
+
+        records = provenance_table(records_under(args.provenance))
+        draw.runtime_table(_benchmark_files(args.inputs), out, table, describe_machine(),
+                           records)
     else:
         validation = Path(args.inputs[0])
         draw.cellularity_validation(read_table(validation),
@@ -447,6 +491,17 @@ def main(argv: list[str] | None = None) -> int:
                                              "also check the cluster set-up)")
     preflight.add_argument("--results", default="results",
                            help="where the run writes (for the free-disk check)")
+    stage = commands.add_parser("data", help="render the synthetic dataset, prepare a dataset")
+    stage.add_argument("action", choices=["synthesize", "prepare"])
+    stage.add_argument("--spec", required=True,
+                       help="JSON: dataset_name, dataset, seed (prepare: and prepare)")
+    stage.add_argument("--raw-root", help="prepare: the dataset's raw images")
+    stage.add_argument("--ground-truth", help="prepare: a synthetic dataset's ground_truth.tsv")
+    stage.add_argument("--out", required=True,
+                       help="synthesize: raw/ground_truth.tsv; prepare: data/manifest.tsv "
+                            "(the other outputs go beside it)")
+    stage.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    stage.add_argument("--log", help="write logging and progress to this file")
     fit = commands.add_parser("train", help="train the diffusion model or the classifier")
     fit.add_argument("model", choices=["diffusion", "classifier", "autoencoder", "ldm", "dit"])
     fit.add_argument("--spec", required=True,
@@ -512,14 +567,21 @@ def main(argv: list[str] | None = None) -> int:
     down.add_argument("--log", help="write logging and progress to this file")
     score = commands.add_parser("evaluate", help="evaluation tables of one dataset")
     score.add_argument("action", choices=["cellularity", "validate-cellularity", "fidelity",
-                                          "trajectories", "coherence", "memorization"])
+                                          "trajectories", "coherence", "memorization",
+                                          "shard"])
     score.add_argument("--spec", required=True,
                        help="JSON: dataset_name, dataset, evaluation, feature_network, seed")
     score.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     score.add_argument("--image-set",
                        help="cellularity, fidelity: real images or one method's")
     score.add_argument("--generated", help="a generation folder (trajectories/<method>)")
-    score.add_argument("--features", help="fidelity, coherence: feature network weights")
+    score.add_argument("--features",
+                       help="fidelity, coherence, shard: feature network weights")
+    score.add_argument("--shard", type=int, help="shard: which shard of --shards to compute")
+    score.add_argument("--shards", type=int, help="shard, cellularity: shards of the image set")
+    score.add_argument("--shard-records", nargs="*", default=None,
+                       help="cellularity: assemble the table from these shards' records")
+    score.add_argument("--work", help="shard, cellularity: the shards' work folder")
     score.add_argument("--classifier", help="trajectories: trained classifier folder")
     score.add_argument("--real-cellularity", help="trajectories: cellularity of real images")
     score.add_argument("--generated-cellularity", help="trajectories: cellularity of frames")
@@ -538,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
                            "train logs; runtimes: benchmark files; cellularity-validation: "
                            "the validation table)")
     draw.add_argument("--coherence", nargs="*", default=[], help="trajectories: coherence")
+    draw.add_argument("--provenance", nargs="*", default=[],
+                      help="runtimes: output trees whose provenance records say where jobs ran")
     draw.add_argument("--runs", nargs="*", default=[],
                       help="classification: runs.tsv of each dataset (seeds, n test)")
     draw.add_argument("--fidelity", nargs="*", default=[],
@@ -629,6 +693,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                         {name: getattr(args, name) for name in MODEL_ARGUMENTS},
                         args.out, args.work, args.threads, args.log, args.shard,
                         args.shards, args.shard_records)
+    if args.command == "data":
+        return data(args)
     if args.command == "use-pretrained":
         return use_pretrained(args.spec, args.manifest, args.out, args.threads, args.log)
     if args.command == "doctor":

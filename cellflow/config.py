@@ -292,11 +292,12 @@ def _semantic_problems(config: Mapping[str, Any]) -> Iterator[str]:
 def _generation_problems(config: Mapping[str, Any]) -> Iterator[str]:
     methods = config["generation"]["methods"]
     known = methods_of(config)
-    shards = config["generation"]["shards"]
-    for name in shards if isinstance(shards, dict) else ():
-        if name not in config["datasets"]:
-            yield (f"generation.shards.{name}: unknown dataset (configured: "
-                   f"{', '.join(config['datasets'])})")
+    for section in ("generation", "evaluation"):
+        shards = config[section]["shards"]
+        for name in shards if isinstance(shards, dict) else ():
+            if name not in config["datasets"]:
+                yield (f"{section}.shards.{name}: unknown dataset (configured: "
+                       f"{', '.join(config['datasets'])})")
     clashing = sorted(set(config["generation"]["external"]) & (set(METHODS) | set(STRATEGIES)))
     for name in clashing:
         yield (f"generation.external.{name}: the name is taken by a built-in method or "

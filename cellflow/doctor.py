@@ -300,13 +300,16 @@ def check_slurm(profile: Path, environ: Mapping[str, str]) -> list[Finding]:
                                         f"the cluster does not answer: {said[-1]}"))
         except subprocess.TimeoutExpired:
             findings.append(Finding("problem", "squeue", "no answer from the cluster in 15 s"))
-    account = environ.get("SBATCH_ACCOUNT") or environ.get("SLURM_ACCOUNT")
+    # the variables the workflow hands to the SLURM executor (workflow/rules/resources.smk)
+    account = environ.get("SBATCH_ACCOUNT")
     findings.append(
         Finding("ok", "SBATCH_ACCOUNT", account) if account else
         Finding("warning", "SBATCH_ACCOUNT", "not set: jobs go to your default account; "
                                              "export SBATCH_ACCOUNT=... where the site needs one"))
-    partition = environ.get("SBATCH_PARTITION") or environ.get("SLURM_PARTITION")
-    if not partition:
+    partition = environ.get("SBATCH_PARTITION")
+    if partition:
+        findings.append(Finding("ok", "SBATCH_PARTITION", partition))
+    else:
         findings.append(Finding("warning", "SBATCH_PARTITION",
                                 "not set: jobs go to the default partition, which may have "
                                 "no GPUs"))

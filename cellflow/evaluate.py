@@ -40,6 +40,25 @@ def hard_class(manifest: pd.DataFrame) -> pd.Series:
                                           manifest["source_class"])
 
 
+def fidelity_sets(method: str, data_manifest: Path, generated_dir: Path | None
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """The two tables FID/KID compares: the real training images, and the held-out real test
+    images (``method == "real"``) or the method's; with the latter's class of each image."""
+    manifest = read_table(data_manifest)
+    real = manifest[manifest["split"] == "train"]
+    if method == "real":
+        other = manifest[manifest["split"] == "test"]
+        return real, other, other["label_name"]
+    other = read_table(generated_dir / "manifest.tsv")
+    return real, other, hard_class(other)
+
+
+def fidelity_images(method: str, data_manifest: Path, generated_dir: Path | None,
+                    real: pd.DataFrame, other: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    other_root = data_manifest.parent if method == "real" else generated_dir
+    return load_images(data_manifest.parent, real["path"]), load_images(other_root, other["path"])
+
+
 def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path | None,
              classes: Sequence[str], spaces: Sequence[FeatureSpace], kid_subset_size: int,
              kid_subsets: int, seed: int, device: torch.device) -> pd.DataFrame:
@@ -52,17 +71,8 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
     """
     from cellflow.metrics import fid_kid
 
-    manifest = read_table(data_manifest)
-    real = manifest[manifest["split"] == "train"]
-    if method == "real":
-        other_root, other = data_manifest.parent, manifest[manifest["split"] == "test"]
-        other_classes = other["label_name"]
-    else:
-        other_root = generated_dir
-        other = read_table(generated_dir / "manifest.tsv")
-        other_classes = hard_class(other)
-    real_images = load_images(data_manifest.parent, real["path"])
-    other_images = load_images(other_root, other["path"])
+    real, other, other_classes = fidelity_sets(method, data_manifest, generated_dir)
+    real_images, other_images = fidelity_images(method, data_manifest, generated_dir, real, other)
     correlations = flags.lag1_autocorrelation(other_images)
     found = [] if method == "real" else flags.image_set_flags(other_images, real_images, method,
                                                               correlations)
@@ -87,7 +97,7 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
                "flags": flags.codes(found) if name == "all" else ""}
         for space in spaces:
             real_features, other_features = features[space.name]
-            scores = fid_kid(real_features[np.asarray(real_mask)],
+            scores = fid_kid(real_features[np.array(real_mask, dtype=bool)],
                              other_features[other_mask], kid_subset_size, kid_subsets, seed)
             row.update(n_real=scores["n_real"], n_generated=scores["n_generated"],
                        kid_subset_size=scores["kid_subset_size"])
@@ -101,11 +111,21 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
 def cellularity(source: str, data_manifest: Path, generated_dir: Path | None,
                 config: CellularityConfig, workers: int = 1) -> pd.DataFrame:
     """Nuclei count, area fraction and mean area of every real (or one method's) image."""
+    root, table = cellularity_images(source, data_manifest, generated_dir)
+    return measure_rows(source, root, table, config, workers)
+
+
+def cellularity_images(source: str, data_manifest: Path, generated_dir: Path | None
+                       ) -> tuple[Path, pd.DataFrame]:
+    """The folder and the table of the images whose cellularity is measured."""
     if source == "real":
-        root, table = data_manifest.parent, read_table(data_manifest)
-        table = table[["id", "path", "label_name", "split"]]
-    else:
-        root, table = generated_dir, read_table(generated_dir / "manifest.tsv")
+        table = read_table(data_manifest)[["id", "path", "label_name", "split"]]
+        return data_manifest.parent, table.reset_index(drop=True)
+    return generated_dir, read_table(generated_dir / "manifest.tsv").reset_index(drop=True)
+
+
+def measure_rows(source: str, root: Path, table: pd.DataFrame, config: CellularityConfig,
+                 workers: int = 1) -> pd.DataFrame:
     measured = measure_images([root / path for path in table["path"]], config,
                               progress_desc=f"cellularity of {source} images", workers=workers)
     return pd.concat([table.reset_index(drop=True),

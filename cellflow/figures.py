@@ -184,6 +184,13 @@ def _markdown_cell(value: Any, floatfmt: str) -> str:
 
 def write_markdown_table(table: pd.DataFrame, path: Path, bold: pd.DataFrame | None = None,
                          floatfmt: str = ".3f", *, caption: str | None = None) -> Path:
+    """A GitHub Markdown table (see markdown_table) written to ``path``."""
+    write_text(path, markdown_table(table, bold, floatfmt, caption=caption))
+    return Path(path)
+
+
+def markdown_table(table: pd.DataFrame, bold: pd.DataFrame | None = None,
+                   floatfmt: str = ".3f", *, caption: str | None = None) -> str:
     """A GitHub Markdown table; named index levels become leading columns.
 
     ``bold``: a boolean mask of ``table``'s shape, True where the cell is wrapped in ``**``.
@@ -209,8 +216,7 @@ def write_markdown_table(table: pd.DataFrame, path: Path, bold: pd.DataFrame | N
                  for column, cell in enumerate(cells)]
         lines.append("| " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    write_text(path, f"{caption}\n\n{text}" if caption else text)
-    return Path(path)
+    return f"{caption}\n\n{text}" if caption else text
 
 
 # --- 1. downstream classification -------------------------------------------------------------
@@ -1082,11 +1088,14 @@ def training_curves(diffusion_log: pd.DataFrame, classifier_log: pd.DataFrame,
 
 # --- 8. runtime -------------------------------------------------------------------------------
 
-def runtime_table(benchmarks: pd.DataFrame, stem: Path, table_stem: Path,
-                  machine: str) -> list[Path]:
-    """Wall time and peak memory per Snakemake rule, always with the machine they ran on.
+def runtime_table(benchmarks: pd.DataFrame, stem: Path, table_stem: Path, machine: str,
+                  provenance: pd.DataFrame | None = None) -> list[Path]:
+    """Wall time and peak memory per Snakemake rule, and per node and GPU model.
 
-    A job benchmarked with repeats counts once, with its mean wall time and largest RSS.
+    A job benchmarked with repeats counts once, with its mean wall time and largest RSS. The
+    node panel and `<table>_by_node.tsv` come from the jobs' provenance records
+    (`cellflow.provenance.provenance_table`): where each job ran, on which GPUs; without any
+    record, every job counts as run on `machine`.
     """
     _require(benchmarks, ["rule", "job", "s", "max_rss"], "Snakemake benchmark table")
     # Snakemake writes '-' for memory it could not sample in a very short job.
@@ -1099,33 +1108,69 @@ def runtime_table(benchmarks: pd.DataFrame, stem: Path, table_stem: Path,
     per_rule["max_rss_gib"] /= 1024
     per_rule = per_rule.sort_values("total_s", ascending=False).reset_index()
     per_rule["machine"] = machine
+    per_node = _runtime_by_node(provenance, machine)
     tsv, markdown = _table_paths(table_stem)
+    by_node_tsv = tsv.with_name(f"{tsv.stem}_by_node.tsv")
     write_table(tsv, per_rule)
+    write_table(by_node_tsv, per_node)
     shown = pd.DataFrame({
         "rule": per_rule["rule"], "jobs": per_rule["jobs"],
         "total wall time": per_rule["total_s"].map(_duration),
         "median per job": per_rule["median_s"].map(_duration),
         "max per job": per_rule["max_s"].map(_duration),
         "max RSS (GiB)": per_rule["max_rss_gib"]})
-    write_markdown_table(
-        shown, markdown, floatfmt=".2f",
-        caption=f"Runtime per rule on {machine}: {len(jobs)} jobs, "
-                f"{_duration(per_rule['total_s'].sum())} wall time in total (summed over jobs, "
-                "whether or not they ran in parallel). RSS: peak resident memory of one job.")
+    nodes_shown = pd.DataFrame({
+        "host": per_node["host"], "GPU model": per_node["gpu_model"], "jobs": per_node["jobs"],
+        "total wall time": per_node["total_s"].map(_duration),
+        "GPU hours": per_node["gpu_hours"], "stages": per_node["stages"]})
+    write_text(markdown, markdown_table(
+        shown, floatfmt=".2f",
+        caption=f"Runtime per rule: {len(jobs)} jobs, {_duration(per_rule['total_s'].sum())} "
+                "wall time in total (summed over jobs, whether or not they ran in parallel). "
+                "RSS: peak resident memory of one job.") + "\n" + markdown_table(
+        nodes_shown, floatfmt=".2f",
+        caption="Where the jobs ran (their provenance records): wall time and GPU hours per "
+                "node and GPU model."))
 
-    figure, axis = plt.subplots(figsize=(7.5, 0.32 * len(per_rule) + 1.6), layout="constrained")
-    ordered = per_rule.iloc[::-1]  # longest at the top
-    axis.barh(ordered["rule"], ordered["total_s"], color=_style("ddib")[0])
-    if _spans_decades(ordered["total_s"]):
+    height = 0.32 * max(len(per_rule), len(per_node)) + 1.6
+    figure, (axis, node_axis) = plt.subplots(1, 2, figsize=(12, height), layout="constrained",
+                                             width_ratios=(3, 2))
+    _runtime_bars(axis, per_rule["rule"], per_rule["total_s"], per_rule["jobs"])
+    axis.set(xlabel="total wall-clock time over the rule's jobs (s)", ylabel="Snakemake rule")
+    axis.set_title(f"Wall time per rule ({len(jobs)} jobs)", fontsize=10)
+    labels = per_node["host"] + "\n" + per_node["gpu_model"]
+    _runtime_bars(node_axis, labels, per_node["total_s"], per_node["jobs"])
+    node_axis.set(xlabel="total wall-clock time of its jobs (s)", ylabel="node, GPU model")
+    node_axis.set_title("Wall time per node and GPU model", fontsize=10)
+    figure.suptitle(f"Runtimes (drawn on {machine})", fontsize=10)
+    return [tsv, by_node_tsv, markdown, *save_figure(figure, stem)]
+
+
+def _runtime_by_node(provenance: pd.DataFrame | None, machine: str) -> pd.DataFrame:
+    columns = ["host", "gpu_model", "jobs", "total_s", "gpu_hours", "stages"]
+    if provenance is None or provenance.empty:
+        return pd.DataFrame([[machine, "unrecorded", 0, 0.0, 0.0, ""]], columns=columns)
+    runs = provenance.drop_duplicates("run_id")  # a job of several outputs counts once
+    runs = runs.assign(gpu_s=runs["duration_s"] * runs["gpu_count"],
+                       stage=runs["rule"].str.split().str[0])
+    per_node = runs.groupby(["host", "gpu_model"]).agg(
+        jobs=("run_id", "size"), total_s=("duration_s", "sum"), gpu_s=("gpu_s", "sum"),
+        stages=("stage", lambda names: ", ".join(sorted(set(names)))))
+    per_node["gpu_hours"] = per_node.pop("gpu_s") / 3600
+    return per_node.sort_values("total_s", ascending=False).reset_index()[columns]
+
+
+def _runtime_bars(axis: Axes, labels: pd.Series, totals: pd.Series, counts: pd.Series) -> None:
+    """Horizontal bars, longest at the top, each annotated with its job count and total."""
+    labels, totals, counts = labels.iloc[::-1], totals.iloc[::-1], counts.iloc[::-1]
+    axis.barh(labels, totals, color=_style("ddib")[0])
+    if _spans_decades(totals):
         axis.set_xscale("log")
-    for y, (total, count) in enumerate(zip(ordered["total_s"], ordered["jobs"], strict=True)):
+    for y, (total, count) in enumerate(zip(totals, counts, strict=True)):
         axis.annotate(f" {count} job{'s' if count != 1 else ''}, {_duration(total)}",
                       (total if pd.notna(total) else 0, y), va="center", fontsize=7)
     axis.margins(x=0.25)
-    axis.set(xlabel="total wall-clock time over the rule's jobs (s)", ylabel="Snakemake rule")
     axis.grid(axis="x", alpha=0.3)
-    axis.set_title(f"Wall time per rule — {machine}", fontsize=10)
-    return [tsv, markdown, *save_figure(figure, stem)]
 
 
 # --- 9. cellularity validation ----------------------------------------------------------------

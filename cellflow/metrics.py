@@ -88,11 +88,12 @@ def inception_feature_network(weights: Path) -> nn.Module:
 class FeatureSpace:
     """A named feature extractor: ``name`` is the column suffix (``domain`` or ``inception``).
 
-    With a ``cache`` folder (outside every job's declared outputs) the features of an image set
-    are kept there, keyed by the network's ``weights_digest`` and the images' bytes: a killed or
-    rerun evaluation job, and every other job of the dataset that embeds the same images (the
-    real training images, in each method's fidelity and memorization job), reads them instead
-    of running the network again.
+    With a ``cache`` folder (outside every job's declared outputs) the features of every chunk
+    of ``chunk_size`` images are kept there, keyed by the network's ``weights_digest`` and the
+    chunk's bytes: a killed or rerun evaluation job, every other job of the dataset that embeds
+    the same images (the real training images, in each method's fidelity and memorization job)
+    and the job that a sharded evaluation's shards computed for (:meth:`store_shard`) read them
+    instead of running the network again.
     """
 
     name: str
@@ -101,10 +102,33 @@ class FeatureSpace:
     weights_digest: str = ""
     cache: Path | None = None
 
+    # Images per cache file: a multiple of every batch size used, so chunking never changes the
+    # batches the network sees, and a shard's chunks are the unsharded job's.
+    chunk_size: int = 256
+
     @torch.no_grad()
     def features(self, images: np.ndarray, batch_size: int = 64,
                  device: torch.device | None = None) -> torch.Tensor:
-        """uint8 (N, 3, H, W) -> float64 (N, d) on the CPU."""
+        """uint8 (N, 3, H, W) -> float64 (N, d) on the CPU, chunk by chunk (each one read from
+        the cache when a job, or a shard of one, stored it before)."""
+        chunks = [self._chunk(images[first:first + self.chunk_size], batch_size, device)
+                  for first in range(0, len(images), self.chunk_size)]
+        return torch.cat(chunks) if chunks else torch.zeros(0, 0, dtype=torch.float64)
+
+    def store_shard(self, images: np.ndarray, shard: int, shards: int, batch_size: int = 64,
+                    device: torch.device | None = None) -> int:
+        """Compute and cache the chunks ``shard, shard + shards, ...`` of ``images``: one job's
+        part of a sharded evaluation, which the evaluation job then reads. Returns the number
+        of chunks."""
+        if self.cache is None or not self.weights_digest:
+            raise ValueError(f"{self.name} features: a sharded evaluation needs a feature cache")
+        starts = range(shard * self.chunk_size, len(images), shards * self.chunk_size)
+        for first in starts:
+            self._chunk(images[first:first + self.chunk_size], batch_size, device)
+        return len(starts)
+
+    def _chunk(self, images: np.ndarray, batch_size: int, device: torch.device | None
+               ) -> torch.Tensor:
         cached = self._cache_path(images)
         if cached is not None and cached.is_file():
             try:
@@ -115,10 +139,10 @@ class FeatureSpace:
                 log.warning("ignoring the unreadable feature cache %s: %s", cached, err)
         device = device or torch.device("cpu")
         network = self.network.to(device)
-        chunks = [network(torch.from_numpy(images[first:first + batch_size]).to(device))
-                  .double().cpu() for first in range(0, len(images), batch_size)]
-        features = torch.cat(chunks) if chunks else torch.zeros(0, 0, dtype=torch.float64)
-        if cached is not None and len(features):
+        features = torch.cat([
+            network(torch.from_numpy(images[first:first + batch_size]).to(device)).double().cpu()
+            for first in range(0, len(images), batch_size)])
+        if cached is not None:
             with atomic_path(cached) as temporary:
                 save_file({"features": features.contiguous()}, str(temporary))
         return features

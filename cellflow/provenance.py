@@ -185,6 +185,15 @@ def read_provenance(path: Path) -> dict[str, Any]:
     return record
 
 
+def records_under(folders: Iterable[Path]) -> list[Path]:
+    """Every provenance record in these output trees (folder and file records alike)."""
+    found: set[Path] = set()
+    for folder in map(Path, folders):
+        found.update(folder.rglob(FOLDER_RECORD))
+        found.update(folder.rglob(f"{FILE_RECORDS}/*.json"))
+    return sorted(found)
+
+
 def provenance_table(paths: Iterable[Path]) -> pd.DataFrame:
     """One row per record: what it computed, where (host, GPU model), when, from which commit.
 

@@ -61,11 +61,13 @@ class ShardError(ValueError):
 class Sharding:
     """One job's part in a sharded method: ``index`` of ``count`` shards, or the gather
     (``index`` None) that assembles what ``count`` shards stored. ``stored`` collects the
-    names of the batches a shard stored, for its record."""
+    names of the batches a shard stored, for its record; ``resumed`` counts those of them an
+    earlier attempt had stored already."""
 
     count: int = 1
     index: int | None = None
     stored: list[str] = field(default_factory=list)
+    resumed: int = 0
 
     def __post_init__(self) -> None:
         if self.count < 1 or (self.index is not None and not 0 <= self.index < self.count):
@@ -119,6 +121,7 @@ class BatchStore:
                 self.reused += 1
                 if sharding.is_shard:
                     sharding.stored.append(name)
+                    sharding.resumed += 1
                 return arrays
             except (OSError, ValueError, zipfile.BadZipFile) as err:
                 log.warning("recomputing batch %s: its stored arrays are unreadable (%s)", path,

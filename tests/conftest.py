@@ -12,6 +12,22 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cluster_runs(request, tmp_path_factory):
+    """The SLURM runs that tests/test_slurm.py checks, started with the session when those
+    tests are collected and a cluster answers: they mostly wait on the cluster's clock."""
+    from tests import test_slurm
+
+    collected = any(item.path.name == "test_slurm.py" for item in request.session.items)
+    if not (collected and test_slurm.CLUSTER_ANSWERS):
+        yield {}
+        return
+    runs = test_slurm.start_runs(lambda name: tmp_path_factory.mktemp(name))
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
 def random_rgb(rng: np.random.Generator, size: int = 48) -> np.ndarray:
     return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
 

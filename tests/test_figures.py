@@ -376,8 +376,36 @@ def test_runtime_table(tmp_path: Path) -> None:
     assert np.isnan(tsv.loc["prepare_data", "max_rss_gib"])  # '-' for short jobs
     assert (tsv["machine"] == machine).all()
     text = table_stem.with_suffix(".md").read_text()
-    assert machine in text
-    assert len(markdown_rows(table_stem.with_suffix(".md"))) == 4
+    assert machine in text  # no provenance records: every job counts as run on this machine
+    rule_table = text.split("\n\n| host")[0]
+    assert rule_table.count("\n| ") == 2 + 3  # header, alignment, three rules
+    by_node = pd.read_csv(tmp_path / "runtime_table_by_node.tsv", sep="\t")
+    assert by_node[["host", "gpu_model", "jobs"]].values.tolist() == [[machine, "unrecorded", 0]]
+
+
+def provenance_rows() -> pd.DataFrame:
+    """Three jobs: two on a GPU node (one of them wrote two outputs), one on a CPU node."""
+    rows = [("a", "gpu01", "NVIDIA A100", 2, 3600.0, "train diffusion"),
+            ("a", "gpu01", "NVIDIA A100", 2, 3600.0, "train diffusion"),
+            ("b", "gpu01", "NVIDIA A100", 1, 1800.0, "generate cellflow"),
+            ("c", "cpu07", "no GPU", 0, 60.0, "prepare")]
+    return pd.DataFrame(rows, columns=["run_id", "host", "gpu_model", "gpu_count",
+                                       "duration_s", "rule"])
+
+
+def test_runtime_table_groups_jobs_by_node_and_gpu_model(tmp_path: Path) -> None:
+    stem, table_stem = tmp_path / "runtime", tmp_path / "runtime_table"
+    paths = figures.runtime_table(benchmark_files(), stem, table_stem, "login node",
+                                  provenance_rows())
+    assert_figure(paths, stem)
+    by_node = pd.read_csv(tmp_path / "runtime_table_by_node.tsv", sep="\t").set_index("host")
+    assert list(by_node.index) == ["gpu01", "cpu07"]  # longest first
+    assert by_node.loc["gpu01", "jobs"] == 2  # job a counts once for its two outputs
+    assert by_node.loc["gpu01", "total_s"] == pytest.approx(5400)
+    assert by_node.loc["gpu01", "gpu_hours"] == pytest.approx(2 + 0.5)
+    assert by_node.loc["gpu01", "stages"] == "generate, train"
+    assert by_node.loc["cpu07", "gpu_hours"] == 0
+    assert "| gpu01 | NVIDIA A100 |" in table_stem.with_suffix(".md").read_text()
 
 
 def test_cellularity_validation(tmp_path: Path) -> None:

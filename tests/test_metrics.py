@@ -206,3 +206,18 @@ def test_a_corrupt_feature_cache_is_recomputed(tmp_path):
         path.write_bytes(b"not a safetensors file")
     assert torch.equal(space.features(images), expected) and network.seen == 4
     assert torch.equal(space.features(images), expected) and network.seen == 4  # rewritten
+
+
+def test_shards_store_the_chunks_that_the_whole_set_then_reads(tmp_path):
+    network = CountingNetwork()
+    space = FeatureSpace("domain", network, "test", weights_digest="abc", cache=tmp_path,
+                         chunk_size=4)
+    images = np.random.default_rng(1).integers(0, 256, (10, 3, 8, 8), dtype=np.uint8)
+    expected = FeatureSpace("domain", CountingNetwork(), "test").features(images)
+    # chunks of 4 images: shard 0 of 2 computes chunks 0 and 2, shard 1 chunk 1
+    assert [space.store_shard(images, shard, 2) for shard in (0, 1)] == [2, 1]
+    assert network.seen == 10
+    assert torch.equal(space.features(images), expected)
+    assert network.seen == 10  # every chunk was read back
+    with pytest.raises(ValueError, match="needs a feature cache"):
+        FeatureSpace("domain", network, "test").store_shard(images, 0, 2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -16,18 +17,62 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PROFILE = REPO / "profiles" / "slurm"
 
+CLUSTER_ANSWERS = Path("/usr/bin/sinfo").exists() and subprocess.run(
+    ["sinfo", "-h"], capture_output=True).returncode == 0
 needs_cluster = pytest.mark.skipif(
-    subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0
-    if Path("/usr/bin/sinfo").exists() else True,
+    not CLUSTER_ANSWERS,
     reason="no SLURM cluster answers (start one with tools/slurm-local.sh start DIR)")
 
 
-def run(args: list[str], workdir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run([str(BIN / "snakemake"), *args, "--directory", str(workdir),
-                           "--profile", str(PROFILE),
-                           "--slurm-init-seconds-before-status-checks", "1"],
-                          capture_output=True, text=True, env=env, timeout=900)
+class ClusterRun:
+    """`snakemake --profile profiles/slurm` in a folder of its own, started now and waited for
+    later: these runs mostly wait on the cluster's clock (a one-minute time limit, status
+    polls), so tests/conftest.py starts them with the session and the suite goes on."""
+
+    def __init__(self, workdir: Path, args: list[str], env: dict[str, str] | None = None):
+        self.workdir = workdir
+        # the controller remembers jobs of earlier runs for a while (MinJobAge)
+        self.after = max((int(job[0]) for jobs in slurm_jobs().values() for job in jobs),
+                         default=0)
+        self.output = workdir / "snakemake.out"
+        command = [str(BIN / "snakemake"), *args, "--directory", str(workdir),
+                   "--profile", str(PROFILE), "--slurm-init-seconds-before-status-checks", "1"]
+        environment = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                       "PYTHONPATH": str(REPO), **(env or {})}
+        with self.output.open("w") as stream:
+            self.process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
+                                            env=environment)
+
+    def wait(self, timeout: float = 900) -> tuple[int, str]:
+        """The run's exit status and its output."""
+        returncode = self.process.wait(timeout=timeout)
+        return returncode, self.output.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+
+
+def start_runs(folder: Callable[[str], Path]) -> dict[str, ClusterRun]:
+    """The runs that the cluster tests check, each in a folder that `folder(name)` makes."""
+    data_stage = folder("data-stage")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["datasets"]["synthetic"]["synthetic"]["images_per_class"] = 8
+    config["diffusion"]["train"].update(steps=3, checkpoint_every=2, batch_size=4)
+    (data_stage / "tiny.yaml").write_text(yaml.safe_dump(config))
+    retries = folder("retries")
+    (retries / "Snakefile").write_text(RETRY_SNAKEFILE.format(
+        resources=REPO / "workflow" / "rules" / "resources.smk"))
+    return {
+        "data_stage": ClusterRun(data_stage, [
+            "results/synthetic/models/diffusion", "-s", str(REPO / "Snakefile"),
+            "--configfile", str(data_stage / "tiny.yaml")]),
+        "retries": ClusterRun(retries, [
+            "-s", str(retries / "Snakefile"), *RETRY_TARGETS, "--retries", "1", "--jobs", "3",
+            "--set-resources", "out_of_time:runtime=1"],
+            env={"SBATCH_PARTITION": "gpu"}),
+    }
 
 
 def test_profile_parses_and_requests_declared_resources():
@@ -37,16 +82,12 @@ def test_profile_parses_and_requests_declared_resources():
 
 
 @needs_cluster
-def test_data_stage_and_training_run_through_slurm(tmp_path):
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["datasets"]["synthetic"]["synthetic"]["images_per_class"] = 8
-    config["diffusion"]["train"].update(steps=3, checkpoint_every=2, batch_size=4)
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(config))
-    result = run(["results/synthetic/models/diffusion", "-s", str(REPO / "Snakefile"),
-                  "--configfile", str(tmp_path / "tiny.yaml")], tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "results/synthetic/models/diffusion/unet/config.json").is_file()
-    manifest = pd.read_csv(tmp_path / "results/synthetic/data/manifest.tsv", sep="\t")
+def test_data_stage_and_training_run_through_slurm(cluster_runs):
+    returncode, output = cluster_runs["data_stage"].wait()
+    assert returncode == 0, output
+    workdir = cluster_runs["data_stage"].workdir
+    assert (workdir / "results/synthetic/models/diffusion/unet/config.json").is_file()
+    manifest = pd.read_csv(workdir / "results/synthetic/data/manifest.tsv", sep="\t")
     assert len(manifest) == 24
     # SLURM itself ran the three jobs: the controller knows them
     jobs = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%k|%T"], capture_output=True,
@@ -55,21 +96,80 @@ def test_data_stage_and_training_run_through_slurm(tmp_path):
         assert f"rule_{rule}_wildcards_synthetic|COMPLETED" in jobs, jobs
 
 
+RETRY_SNAKEFILE = """\
+include: "{resources}"
+
+
+rule out_of_time:
+    output:
+        "out_of_time.txt",
+    threads: 3
+    resources:
+        **cluster_limits(mem_mb=300, runtime=5),
+    shell:
+        "if [ ! -e out_of_time.tried ]; then touch out_of_time.tried; sleep 600; fi;"
+        " touch {{output}}"
+
+
+rule out_of_memory:
+    output:
+        "out_of_memory.txt",
+    resources:
+        **cluster_limits(mem_mb=300, runtime=5),
+    shell:
+        "if [ ! -e out_of_memory.tried ]; then touch out_of_memory.tried;"
+        " python -c 'raise MemoryError'; fi; touch {{output}}"
+
+
+rule broken_once:
+    output:
+        "broken_once.txt",
+    resources:
+        **cluster_limits(mem_mb=300, runtime=5),
+    shell:
+        "if [ ! -e broken_once.tried ]; then touch broken_once.tried; exit 3; fi; touch {{output}}"
+"""
+RETRY_TARGETS = ["out_of_time.txt", "out_of_memory.txt", "broken_once.txt"]
+
+
+def slurm_jobs(after: int = 0) -> dict[str, list[tuple[str, ...]]]:
+    """The jobs the controller remembers with an id above `after`, per rule, in submission
+    order: (job id, state, partition, CPUs, time limit, memory)."""
+    lines = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%k|%T|%P|%C|%l|%m"],
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    jobs: dict[str, list] = {}
+    for line in sorted(lines, key=lambda line: int(line.split("|")[0])):
+        job_id, comment, *fields = line.split("|")
+        if int(job_id) > after:
+            jobs.setdefault(comment.removeprefix("rule_"), []).append((job_id, *fields))
+    return jobs
+
+
 @needs_cluster
-def test_failed_job_is_retried_with_more_memory(tmp_path):
-    """A job that needs more memory than its first attempt gets succeeds on a retry."""
-    snakefile = tmp_path / "Snakefile"
-    snakefile.write_text(
-        "rule needs_memory:\n"
-        "    output: 'done.txt'\n"
-        "    resources: mem_mb=lambda wildcards, attempt: 400 * attempt\n"
-        "    shell: 'test {resources.mem_mb} -ge 800 && echo {resources.mem_mb} > {output}'\n")
-    result = run(["-s", str(snakefile), "done.txt"], tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "done.txt").read_text().strip() == "800"
-    states = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%k|%T"], capture_output=True,
-                            text=True).stdout.splitlines()
-    assert "rule_needs_memory|FAILED" in states and "rule_needs_memory|COMPLETED" in states
+def test_a_retry_grows_only_what_the_failure_needs_in_the_documented_partition(cluster_runs):
+    """Time after a time-out (from a limit given with --set-resources), memory after running
+    out of it, nothing after a failing command; the partition from SBATCH_PARTITION, the rule's
+    threads as the job's CPUs. The node says it
+    has more CPUs than this machine that submits (tools/slurm-local.sh)."""
+    returncode, output = cluster_runs["retries"].wait()
+    assert returncode == 0, output
+    submitted = slurm_jobs(after=cluster_runs["retries"].after)
+    jobs = {rule: submitted[rule] for rule in submitted if f"{rule}.txt" in RETRY_TARGETS}
+    # (state, partition, CPUs, time limit, memory) of each attempt
+    attempts = {rule: [job[1:] for job in rule_jobs] for rule, rule_jobs in jobs.items()}
+    assert attempts["out_of_time"] == [("TIMEOUT", "gpu", "3", "1:00", "300M"),
+                                       ("COMPLETED", "gpu", "3", "2:00", "300M")]
+    assert attempts["out_of_memory"] == [("FAILED", "gpu", "1", "5:00", "300M"),
+                                         ("COMPLETED", "gpu", "1", "5:00", "600M")]
+    assert attempts["broken_once"] == [("FAILED", "gpu", "1", "5:00", "300M"),
+                                       ("COMPLETED", "gpu", "1", "5:00", "300M")]
+    # every attempt kept its own SLURM log, the successful ones too (the profile says so)
+    logs = cluster_runs["retries"].workdir / ".snakemake" / "slurm_logs"
+    for rule, rule_jobs in jobs.items():
+        assert sorted(path.stem for path in (logs / f"rule_{rule}").glob("*.log")) == sorted(
+            job[0] for job in rule_jobs)
+    assert "DUE TO TIME LIMIT" in (logs / "rule_out_of_time" / f"{jobs['out_of_time'][0][0]}.log"
+                                   ).read_text()
 
 
 def test_paper_jobs_request_gpus_only_where_networks_run(tmp_path):

@@ -106,11 +106,37 @@ def test_dry_run_of_the_paper_config_names_missing_roots(tmp_path):
     assert counts["prepare_data"] == counts["train_diffusion"] == 7
 
 
+def job_inputs(dry_run: str, rule: str) -> list[str]:
+    """The input files of the one job of `rule` in a dry run's output."""
+    block = dry_run.split(f"rule {rule}:", 1)[1].split("\n\n", 1)[0]
+    line = next(line for line in block.splitlines() if line.strip().startswith("input:"))
+    return line.split("input:", 1)[1].strip().split(", ")
+
+
 def test_one_dataset_can_be_selected_on_the_command_line(tmp_path):
     paper = str(REPO / "config" / "paper.yaml")
+    # another dataset's finished results, from an earlier run
+    finished = ["downstream/summary.tsv", "downstream/runs.tsv", "evaluation/fidelity/real.tsv",
+                "benchmarks/prepare_data.tsv", "benchmarks/figures/per_class.tsv",
+                "figures/side_by_side.png"]
+    for name in finished:
+        (tmp_path / "results" / "chaoyang" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "results" / "chaoyang" / name).write_text("finished\n")
     result = snakemake(tmp_path, "-n", "--configfile", paper, "--config", "only_datasets=[mhist]")
     assert job_counts(result.stdout)["prepare_data"] == 1
     assert "wildcards: dataset=mhist" in result.stdout
+    assert "dataset=chaoyang" not in result.stdout  # nothing of it is planned
+    # ... and its rows stay in the cross-dataset tables and figures
+    assert "results/chaoyang/downstream/summary.tsv" in job_inputs(result.stdout,
+                                                                   "benchmark_table")
+    assert "results/chaoyang/downstream/runs.tsv" in job_inputs(result.stdout,
+                                                                "figure_classification")
+    assert "results/chaoyang/evaluation/fidelity/real.tsv" in job_inputs(result.stdout,
+                                                                         "figure_fidelity")
+    runtimes = job_inputs(result.stdout, "figure_runtimes")
+    assert "results/chaoyang/benchmarks/prepare_data.tsv" in runtimes
+    assert "results/chaoyang/benchmarks/figures/per_class.tsv" not in runtimes
+    assert "results/chaoyang/figures/side_by_side.png" in job_inputs(result.stdout, "front_page")
     typo = snakemake(tmp_path, "-n", "--configfile", paper, "--config", "only_datasets=[mhsit]",
                      check=False)
     assert typo.returncode != 0
@@ -194,8 +220,8 @@ def test_lint_and_format_are_clean():
     fmt = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
                          cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stderr
-    ruff = subprocess.run([str(BIN / "ruff"), "check", "cellflow", "tests", "benchmarks",
-                           "workflow/scripts"], cwd=REPO, capture_output=True, text=True)
+    ruff = subprocess.run([str(BIN / "ruff"), "check", "cellflow", "tests", "benchmarks"],
+                          cwd=REPO, capture_output=True, text=True)
     assert ruff.returncode == 0, ruff.stdout
 
 
@@ -345,14 +371,26 @@ def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_
             assert (benchmark / "tables" / f"{table}{suffix}").is_file()
     for table in ("memorization", "per_class"):
         assert (figures / "tables" / f"{table}.md").is_file()
-    # a results tree moved elsewhere (no .snakemake metadata), its figures deleted
+    # a results tree moved elsewhere (no .snakemake metadata; file times kept, as `cp -a`
+    # and rsync -a keep them), two figures deleted, drawn by a fresh clone (every file of the
+    # workflow newer than the results)
+    clone = tmp_path / "clone"
+    for part in ("cellflow", "workflow", "config", "profiles"):
+        shutil.copytree(REPO / part, clone / part, symlinks=True, copy_function=shutil.copy,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("Snakefile", "environment.yaml", "pyproject.toml"):
+        shutil.copy(REPO / part, clone / part)
     shutil.copytree(workdir / "results", tmp_path / "results")
-    shutil.rmtree(tmp_path / "results" / "benchmarks" / "tiny" / "figures")
-    shutil.rmtree(tmp_path / "results" / "synthetic" / "figures")
-    redraw = snakemake(tmp_path, "figures", "--cores", "2", "--configfile", str(config))
+    for figure in (benchmark / "figures" / "runtimes", figures / "fourier_stairs"):
+        for suffix in (".png", ".pdf"):
+            (tmp_path / figure.with_suffix(suffix).relative_to(workdir)).unlink()
+    command = [str(BIN / "snakemake"), "--snakefile", str(clone / "Snakefile"), "--directory",
+               str(tmp_path), "figures", "--cores", "2", "--configfile", str(config)]
+    redraw = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert redraw.returncode == 0, redraw.stdout + redraw.stderr
     ran = job_counts(redraw.stdout + redraw.stderr)
-    assert ran and all(rule.startswith("figure") or rule == "front_page"
-                       for rule in ran), ran  # figure_* + figures
+    assert set(ran) == {"figure_runtimes", "figure_fourier_stairs", "front_page", "figures"}, ran
     assert (tmp_path / "results" / "synthetic" / "figures" / "fourier_stairs.pdf").is_file()
 
 
@@ -557,6 +595,29 @@ def test_a_sharded_method_writes_what_one_job_wrote(demo_run, tmp_path):
     assert not list(records.rglob("*.json"))
 
 
+@pytest.mark.slow
+def test_a_sharded_evaluation_writes_what_one_job_wrote(demo_run, tmp_path):
+    workdir, config = demo_run
+    shutil.copytree(workdir / "results", tmp_path / "results")
+    shutil.rmtree(tmp_path / "results" / "synthetic" / "checkpoints" / "features")
+    settings = yaml.safe_load(config.read_text())
+    settings["evaluation"] = {**settings.get("evaluation", {}), "shards": 2}
+    sharded = tmp_path / "sharded.yaml"
+    sharded.write_text(yaml.safe_dump(settings))
+    tables = ["results/synthetic/evaluation/cellularity/adm.tsv",
+              "results/synthetic/evaluation/fidelity/adm.tsv"]
+    for table in tables:
+        (tmp_path / table).unlink()
+    planned = job_counts(snakemake(tmp_path, "-n", *tables, "--configfile", str(sharded)).stdout)
+    assert planned == {"evaluate_shard": 2, "measure_cellularity": 1, "fidelity": 1}
+    snakemake(tmp_path, *tables, "--cores", "2", "--configfile", str(sharded))
+    for table in tables:
+        assert (tmp_path / table).read_text() == (workdir / table).read_text(), table
+    # the shards computed every feature chunk (the cache was empty); the records are gone
+    assert list((tmp_path / "results" / "synthetic" / "checkpoints" / "features").glob("*"))
+    assert not list((tmp_path / "results" / "synthetic" / "evaluation" / "shards").rglob("*.json"))
+
+
 def test_every_job_leaves_a_complete_provenance_record(demo_run):
     from cellflow.provenance import RECORD_KEYS, read_provenance
 
@@ -573,6 +634,6 @@ def test_every_job_leaves_a_complete_provenance_record(demo_run):
     assert len(records) == jobs  # one per job: its folder's, or its (first) file's
     read = [read_provenance(path) for path in records]  # every key present, or it raises
     assert all(set(RECORD_KEYS) <= set(record) for record in read)
-    assert {"prepare_data", "synthesize_dataset", "train diffusion", "generate cellflow",
+    assert {"data prepare", "data synthesize", "train diffusion", "generate cellflow",
             "evaluate fidelity", "figures classification"} <= {r["rule"] for r in read}
     assert all(record["code"]["commit"] for record in read)  # run from this checkout

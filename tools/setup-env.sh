@@ -50,10 +50,11 @@ if [ "$(readlink "$repo/.venv" 2>/dev/null)" != "$env_dir" ]; then
 fi
 echo "setup: environment ready at .venv -> $env_dir"
 
-# `snakemake --profile slurm` looks for ~/.config/snakemake/slurm/: link this clone's profile
-# there, unless the user keeps a profile of their own at that place.
+# `snakemake --profile slurm` finds ./slurm (a link to profiles/slurm) before anything in
+# ~/.config/snakemake, so every clone uses its own profile. Earlier set-ups linked one clone's
+# profile there for all of them; such a link is removed (a profile of the user's is kept).
 profile_home=${XDG_CONFIG_HOME:-$HOME/.config}/snakemake/slurm
-if [ ! -e "$profile_home" ] || [ -L "$profile_home" ]; then
-    mkdir -p "$(dirname "$profile_home")"
-    ln -sfn "$repo/profiles/slurm" "$profile_home"
+if [ -L "$profile_home" ] && [[ "$(readlink "$profile_home")" == */profiles/slurm ]] \
+        && [ -e "$(dirname "$(readlink "$profile_home")")/../workflow/rules/common.smk" ]; then
+    rm -f "$profile_home"
 fi

@@ -29,7 +29,7 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null
 fi
 host=$(hostname -s)
-cpus=$(nproc)
+cpus=$(( $(nproc) < 8 ? 8 : $(nproc) ))
 memory=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 mkdir -p "$state/ctld" "$state/spool" "$state/log"
 cat > "$state/slurm.conf" <<CONF
@@ -48,6 +48,12 @@ SelectTypeParameters=CR_Core_Memory
 MpiDefault=none
 ReturnToService=2
 MinJobAge=600
+# Time limits of the retry test (tests/test_slurm.py) end in seconds, not minutes.
+KillWait=5
+OverTimeLimit=0
+# The node declares more CPUs than this machine has (as a cluster node has more than the
+# machine that submits), so a test can see a rule's threads reach --cpus-per-task.
+SlurmdParameters=config_overrides
 SlurmctldPidFile=$state/slurmctld.pid
 SlurmdPidFile=$state/slurmd.pid
 StateSaveLocation=$state/ctld
@@ -56,6 +62,7 @@ SlurmctldLogFile=$state/log/slurmctld.log
 SlurmdLogFile=$state/log/slurmd.log
 NodeName=$host CPUs=$cpus RealMemory=$memory State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
+PartitionName=gpu Nodes=$host MaxTime=30 State=UP
 CONF
 export SLURM_CONF=$state/slurm.conf
 # Job steps (srun inside a batch job) look for the default path, whatever SLURM_CONF says.

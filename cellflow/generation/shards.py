@@ -11,6 +11,7 @@ and writes the method's outputs exactly as an unsharded job does.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -28,6 +29,8 @@ from cellflow.resume import ShardError, Sharding
 
 __all__ = ["ShardError", "check_shard_records", "run_gather", "run_shard"]
 
+log = logging.getLogger(__name__)
+
 
 def run_shard(method: GenerationMethod, job: GenerationJob, index: int, count: int,
               record: Path) -> list[str]:
@@ -39,9 +42,11 @@ def run_shard(method: GenerationMethod, job: GenerationJob, index: int, count: i
     job.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=job.work_dir, prefix=f".shard{index}-") as scratch:
         method.run(replace(job, out_dir=Path(scratch) / "outputs", sharding=sharding))
+    log.info("shard %d of %d of %s: %d batches, %d of them stored by an earlier attempt", index,
+             count, method.name, len(sharding.stored), sharding.resumed)
     write_text(record, json.dumps({
         "method": method.name, "dataset": job.dataset.name, "shard": index, "shards": count,
-        "batches": sharding.stored,
+        "batches": sharding.stored, "resumed": sharding.resumed,
         # the record is temporary (the gather consumes it), so its provenance is inside it
         "provenance": collect(started, config_hash=None, shard=f"{index} of {count}",
                               rule=f"generate {method.name}")}, indent=2) + "\n")

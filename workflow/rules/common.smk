@@ -1,5 +1,6 @@
 # Config validation, wildcard constraints and the helpers that map wildcards to paths.
 
+import glob
 import hashlib
 import json
 import os
@@ -64,6 +65,24 @@ VALIDATED_CELLULARITY = SYNTHETIC_DATASETS + [
     if DATASET_KINDS[ds.kind].cellularity_scores
 ]
 
+# Configured datasets that this run leaves out (only_datasets): their finished results stay in
+# this config's cross-dataset tables and figures, read as they are on disk.
+LEFT_OUT_DATASETS = [
+    name
+    for name, entry in config["datasets"].items()
+    if name not in DATASETS and DATASET_KINDS[entry["kind"]].labelled
+]
+
+
+def left_out_results(pattern):
+    """The files of the left-out datasets that match `pattern` (a glob with {dataset})."""
+    return sorted(
+        path
+        for dataset in LEFT_OUT_DATASETS
+        for path in glob.glob(pattern.format(dataset=dataset), recursive=True)
+    )
+
+
 for _name, _dataset in DATASETS.items():
     if _dataset.kind != "synthetic" and not _dataset.root.is_dir():
         logger.warning(
@@ -110,18 +129,18 @@ def without_resources(section, keep=()):
     return {k: v for k, v in section.items() if k not in RESOURCE_KEYS or k in keep}
 
 
-def attempt_scaled(base):
-    """A resource that grows with each retry, so a job killed for memory or time gets more."""
-
-    def resource(wildcards, attempt):
-        return base * attempt
-
-    return resource
-
-
-def dataset_entry(wildcards):
-    """The validated config of one dataset, passed to the entry points as plain data."""
-    return canonical(config["datasets"][wildcards.dataset])
+def data_spec(wildcards):
+    """What the data stage of a dataset reads: its entry, the preparation settings, the seed."""
+    return json.dumps(
+        canonical(
+            {
+                "dataset_name": wildcards.dataset,
+                "dataset": config["datasets"][wildcards.dataset],
+                "prepare": config["prepare"],
+                "seed": config["seed"],
+            }
+        )
+    )
 
 
 def raw_root(wildcards):
@@ -443,7 +462,12 @@ def evaluation_spec(wildcards):
         {
             "dataset_name": wildcards.dataset,
             "dataset": config["datasets"][wildcards.dataset],
-            "evaluation": without_resources(config["evaluation"]),
+            # the number of shards changes how the tables are computed, not what they hold
+            "evaluation": {
+                key: value
+                for key, value in without_resources(config["evaluation"]).items()
+                if key != "shards"
+            },
             "feature_network": [FEATURE_BACKBONE, FEATURE_SEED],
             "seed": config["seed"],
         },
@@ -459,6 +483,33 @@ def image_set_inputs(wildcards):
             f"results/{wildcards.dataset}/trajectories/{wildcards.image_set}"
         )
     return inputs
+
+
+def evaluation_shards(dataset):
+    """How many jobs measure each image set of a dataset (evaluation.shards)."""
+    shards = config["evaluation"]["shards"]
+    return shards if isinstance(shards, int) else shards.get(dataset, 1)
+
+
+def evaluation_shard_records(wildcards):
+    """The records of an image set's shards, which its cellularity and fidelity jobs read."""
+    count = evaluation_shards(wildcards.dataset)
+    if count == 1:
+        return []
+    return [
+        f"results/{wildcards.dataset}/evaluation/shards/{wildcards.image_set}/"
+        f"{index}-of-{count}.json"
+        for index in range(count)
+    ]
+
+
+def cellularity_shard_arguments(wildcards, input):
+    if not input.shards:
+        return ""
+    return (
+        f"--shard-records {' '.join(input.shards)} --shards {len(input.shards)}"
+        f" --work results/{wildcards.dataset}/checkpoints/evaluation/{wildcards.image_set}"
+    )
 
 
 def generated_argument(wildcards, input):
@@ -540,8 +591,8 @@ def latent_launcher(wildcards):
     return python_launcher(wildcards.model)
 
 
-def latent_runtime(wildcards, attempt):
-    return config[wildcards.model]["train"]["runtime_minutes"] * attempt
+def latent_runtime(wildcards):
+    return config[wildcards.model]["train"]["runtime_minutes"]
 
 
 def latent_gpus(wildcards):
@@ -573,6 +624,15 @@ def stem(key):
 
 def trajectory_datasets():
     return [name for name in BENCHMARK_DATASETS if has_trajectories(name)]
+
+
+def trajectory_tables(table):
+    """One trajectory table (`summary` or `coherence`) of every dataset with trajectories."""
+    path = {
+        "summary": "results/{dataset}/evaluation/trajectories/summary.tsv",
+        "coherence": "results/{dataset}/evaluation/coherence.tsv",
+    }[table]
+    return expand(path, dataset=trajectory_datasets()) + left_out_results(path)
 
 
 def dataset_figure_outputs(dataset):
@@ -626,7 +686,7 @@ def fidelity_tables(wildcards):
         f"results/{dataset}/evaluation/fidelity/{image_set}.tsv"
         for dataset in BENCHMARK_DATASETS
         for image_set in image_sets(dataset)
-    ]
+    ] + left_out_results("results/{dataset}/evaluation/fidelity/*.tsv")
 
 
 def job_benchmarks(wildcards):
@@ -692,7 +752,11 @@ def job_benchmarks(wildcards):
             dataset=dataset,
             method=generative_methods(dataset),
         )
-    return files
+    return files + [
+        path
+        for path in left_out_results("results/{dataset}/benchmarks/**/*.tsv")
+        if f"{os.sep}benchmarks{os.sep}figures{os.sep}" not in path
+    ]
 
 
 # A rerun's previous good outputs are kept (hard links, outside every declared output) until it

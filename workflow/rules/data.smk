@@ -16,13 +16,12 @@ rule synthesize_dataset:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(1000),
-        runtime=attempt_scaled(30),
+        **cluster_limits(mem_mb=1000, runtime=30),
     params:
-        dataset=dataset_entry,
-        seed=config["seed"],
-    script:
-        "../scripts/synthesize_dataset.py"
+        spec=data_spec,
+    shell:
+        "python -m cellflow.cli data synthesize --spec {params.spec:q}"
+        " --out {output.ground_truth} --threads {threads} --log {log}"
 
 
 rule prepare_data:
@@ -59,13 +58,18 @@ rule prepare_data:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(4000),
-        runtime=attempt_scaled(60),
+        **cluster_limits(mem_mb=4000, runtime=60),
     params:
-        dataset=dataset_entry,
+        spec=data_spec,
         raw_root=raw_root,
+        # a folder dataset's file listing: added or changed images prepare it again
         listing=raw_listing,
-        prepare=canonical(config["prepare"]),
-        seed=config["seed"],
-    script:
-        "../scripts/prepare_data.py"
+        ground_truth=lambda wildcards, input: (
+            f"--ground-truth {input.ground_truth}"
+            if "ground_truth" in input.keys()
+            else ""
+        ),
+    shell:
+        "python -m cellflow.cli data prepare --spec {params.spec:q}"
+        " --raw-root {params.raw_root:q} {params.ground_truth} --out {output.manifest}"
+        " --threads {threads} --log {log}"

@@ -16,8 +16,9 @@ rule train_downstream:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["downstream"]["train"]["runtime_minutes"]),
+        **cluster_limits(
+            mem_mb=8000, runtime=config["downstream"]["train"]["runtime_minutes"]
+        ),
         gpu=config["downstream"]["train"]["gpus"],
     params:
         spec=downstream_spec,
@@ -53,8 +54,7 @@ rule summarize_downstream:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(1000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=1000, runtime=10),
     shell:
         "python -m cellflow.cli downstream summarize --dataset {wildcards.dataset}"
         " --inputs {input} --out {output.summary} --log {log}"
@@ -62,7 +62,8 @@ rule summarize_downstream:
 
 rule benchmark_table:
     input:
-        expand("results/{dataset}/downstream/summary.tsv", dataset=BENCHMARK_DATASETS),
+        expand("results/{dataset}/downstream/summary.tsv", dataset=BENCHMARK_DATASETS)
+        + left_out_results("results/{dataset}/downstream/summary.tsv"),
     output:
         report(
             f"{BENCHMARK_DIR}/benchmark.tsv",
@@ -78,7 +79,6 @@ rule benchmark_table:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(1000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=1000, runtime=10),
     shell:
         "python -m cellflow.cli downstream benchmark --inputs {input} --out {output} --log {log}"

@@ -6,6 +6,7 @@
 rule measure_cellularity:
     input:
         unpack(image_set_inputs),
+        shards=evaluation_shard_records,
     output:
         "results/{dataset}/evaluation/cellularity/{image_set}.tsv",
     log:
@@ -16,15 +17,15 @@ rule measure_cellularity:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(4000),
-        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=4000, runtime=config["evaluation"]["runtime_minutes"]),
     params:
         spec=evaluation_spec,
         generated=generated_argument,
+        shards=cellularity_shard_arguments,
     shell:
         "python -m cellflow.cli evaluate cellularity --spec {params.spec:q}"
         " --manifest {input.manifest} --image-set {wildcards.image_set} {params.generated}"
-        " --out {output} --threads {threads} --log {log}"
+        " {params.shards} --out {output} --threads {threads} --log {log}"
 
 
 rule validate_cellularity:
@@ -41,8 +42,7 @@ rule validate_cellularity:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(4000),
-        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=4000, runtime=config["evaluation"]["runtime_minutes"]),
     params:
         spec=evaluation_spec,
     shell:
@@ -54,6 +54,8 @@ rule fidelity:
     input:
         unpack(image_set_inputs),
         features=feature_network_weights,
+        # with evaluation.shards, the shards have put every feature chunk in the cache
+        shards=evaluation_shard_records,
     output:
         "results/{dataset}/evaluation/fidelity/{image_set}.tsv",
     log:
@@ -64,8 +66,7 @@ rule fidelity:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
         spec=evaluation_spec,
@@ -74,6 +75,40 @@ rule fidelity:
         "python -m cellflow.cli evaluate fidelity --spec {params.spec:q}"
         " --manifest {input.manifest} --image-set {wildcards.image_set} {params.generated}"
         " --features {input.features} --out {output} --threads {threads} --log {log} --gpus {resources.gpu}"
+
+
+# One shard of an image set's evaluation (evaluation.shards > 1): the cellularity of every
+# shards-th image and the features of every shards-th chunk of images, for the cellularity and
+# fidelity jobs above (cellflow.evaluation_shards).
+rule evaluate_shard:
+    input:
+        unpack(image_set_inputs),
+        features=feature_network_weights,
+    output:
+        temp("results/{dataset}/evaluation/shards/{image_set}/{shard}-of-{shards}.json"),
+    log:
+        "logs/{dataset}/evaluate_{image_set}-shard{shard}-of-{shards}.log",
+    benchmark:
+        "results/{dataset}/benchmarks/evaluate_{image_set}-shard{shard}-of-{shards}.tsv"
+    wildcard_constraints:
+        shard=r"\d+",
+        shards=r"\d+",
+    conda:
+        "../../environment.yaml"
+    threads: 4
+    resources:
+        **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
+        gpu=config["evaluation"]["gpus"],
+    params:
+        spec=evaluation_spec,
+        generated=generated_argument,
+        work="results/{dataset}/checkpoints/evaluation/{image_set}",
+    shell:
+        "python -m cellflow.cli evaluate shard --spec {params.spec:q}"
+        " --manifest {input.manifest} --image-set {wildcards.image_set} {params.generated}"
+        " --features {input.features} --shard {wildcards.shard} --shards {wildcards.shards}"
+        " --work {params.work} --out {output} --threads {threads} --log {log}"
+        " --gpus {resources.gpu}"
 
 
 rule analyse_trajectories:
@@ -94,8 +129,7 @@ rule analyse_trajectories:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
         spec=evaluation_spec,
@@ -123,8 +157,7 @@ rule temporal_coherence:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
         spec=evaluation_spec,
@@ -150,8 +183,7 @@ rule memorization:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["evaluation"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
         spec=evaluation_spec,

@@ -7,7 +7,10 @@
 rule figure_classification:
     input:
         benchmark=f"{BENCHMARK_DIR}/benchmark.tsv",
-        runs=expand("results/{dataset}/downstream/runs.tsv", dataset=BENCHMARK_DATASETS),
+        runs=expand(
+            "results/{dataset}/downstream/runs.tsv", dataset=BENCHMARK_DATASETS
+        )
+        + left_out_results("results/{dataset}/downstream/runs.tsv"),
     output:
         png=report(
             f"{BENCHMARK_DIR}/figures/classification.png",
@@ -31,8 +34,7 @@ rule figure_classification:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         table=stem("tsv"),
@@ -69,8 +71,7 @@ rule figure_fidelity:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         table=stem("tsv"),
@@ -81,13 +82,8 @@ rule figure_fidelity:
 
 rule figure_trajectories:
     input:
-        summaries=lambda wildcards: expand(
-            "results/{dataset}/evaluation/trajectories/summary.tsv",
-            dataset=trajectory_datasets(),
-        ),
-        coherence=lambda wildcards: expand(
-            "results/{dataset}/evaluation/coherence.tsv", dataset=trajectory_datasets()
-        ),
+        summaries=trajectory_tables("summary"),
+        coherence=trajectory_tables("coherence"),
         fidelity=fidelity_tables,
     output:
         png=report(
@@ -112,8 +108,7 @@ rule figure_trajectories:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         table=stem("tsv"),
@@ -135,6 +130,7 @@ rule figure_runtimes:
         ),
         pdf=f"{BENCHMARK_DIR}/figures/runtimes.pdf",
         tsv=f"{BENCHMARK_DIR}/tables/runtimes.tsv",
+        by_node=f"{BENCHMARK_DIR}/tables/runtimes_by_node.tsv",
         md=f"{BENCHMARK_DIR}/tables/runtimes.md",
     log:
         f"logs/benchmarks/{config['benchmark']}/runtimes.log",
@@ -144,14 +140,15 @@ rule figure_runtimes:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         table=stem("tsv"),
+        # where the provenance records of the benchmarked jobs lie
+        trees=[f"results/{dataset}" for dataset in [*DATASETS, *LEFT_OUT_DATASETS]],
     shell:
         "python -m cellflow.cli figures runtimes --inputs {input}"
-        " --out {params.out} --table {params.table} --log {log}"
+        " --provenance {params.trees} --out {params.out} --table {params.table} --log {log}"
 
 
 rule figure_training_curves:
@@ -178,8 +175,7 @@ rule figure_training_curves:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
     shell:
@@ -208,8 +204,7 @@ rule figure_trajectory_strips:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         per_transition=config["figures"]["strips_per_transition"],
@@ -242,8 +237,7 @@ rule figure_cellularity_curves:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
     shell:
@@ -270,8 +264,7 @@ rule figure_fourier_stairs:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         per_transition=config["figures"]["strips_per_transition"],
@@ -301,8 +294,7 @@ rule figure_cellularity_validation:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
     shell:
@@ -334,8 +326,7 @@ rule figure_side_by_side:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         per_method=config["figures"]["images_per_method"],
@@ -374,8 +365,7 @@ rule figure_per_class:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         table=stem("tsv"),
@@ -414,8 +404,7 @@ rule figure_memorization:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
         table=stem("tsv"),
@@ -445,8 +434,7 @@ rule figure_closest_pairs:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         out=stem("png"),
     shell:
@@ -461,11 +449,13 @@ rule front_page:
         figures=summary_figure_outputs(),
         side_by_side=expand(
             "results/{dataset}/figures/side_by_side.png", dataset=BENCHMARK_DATASETS
-        ),
+        )
+        + left_out_results("results/{dataset}/figures/side_by_side.png"),
         memorization=expand(
             "results/{dataset}/figures/tables/memorization.tsv",
             dataset=BENCHMARK_DATASETS,
-        ),
+        )
+        + left_out_results("results/{dataset}/figures/tables/memorization.tsv"),
     output:
         page=report(
             FRONT_PAGE,
@@ -488,8 +478,7 @@ rule front_page:
         "../../environment.yaml"
     threads: 1
     resources:
-        mem_mb=attempt_scaled(2000),
-        runtime=attempt_scaled(10),
+        **cluster_limits(mem_mb=2000, runtime=10),
     params:
         benchmark=config["benchmark"],
         config_files=",".join(CONFIG_FILES),

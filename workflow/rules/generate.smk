@@ -30,8 +30,7 @@ rule generate:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=8000, runtime=config["bridge"]["runtime_minutes"]),
         gpu=generation_gpus,
     params:
         spec=generation_spec,
@@ -62,8 +61,7 @@ rule generate_shard:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(config["bridge"]["runtime_minutes"]),
+        **cluster_limits(mem_mb=8000, runtime=config["bridge"]["runtime_minutes"]),
         gpu=config["bridge"]["gpus"],
     params:
         spec=generation_spec,

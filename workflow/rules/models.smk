@@ -33,8 +33,10 @@ rule train_diffusion:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000 * max(1, config["diffusion"]["train"]["gpus"])),
-        runtime=attempt_scaled(config["diffusion"]["train"]["runtime_minutes"]),
+        **cluster_limits(
+            mem_mb=8000 * max(1, config["diffusion"]["train"]["gpus"]),
+            runtime=config["diffusion"]["train"]["runtime_minutes"],
+        ),
         gpu=config["diffusion"]["train"]["gpus"],
         nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
@@ -68,8 +70,10 @@ rule train_classifier:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000 * max(1, config["classifier"]["train"]["gpus"])),
-        runtime=attempt_scaled(config["classifier"]["train"]["runtime_minutes"]),
+        **cluster_limits(
+            mem_mb=8000 * max(1, config["classifier"]["train"]["gpus"]),
+            runtime=config["classifier"]["train"]["runtime_minutes"],
+        ),
         gpu=config["classifier"]["train"]["gpus"],
         nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
@@ -103,8 +107,10 @@ rule train_autoencoder:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000 * max(1, config["autoencoder"]["train"]["gpus"])),
-        runtime=attempt_scaled(config["autoencoder"]["train"]["runtime_minutes"]),
+        **cluster_limits(
+            mem_mb=8000 * max(1, config["autoencoder"]["train"]["gpus"]),
+            runtime=config["autoencoder"]["train"]["runtime_minutes"],
+        ),
         gpu=config["autoencoder"]["train"]["gpus"],
         nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
@@ -139,8 +145,7 @@ rule train_latent:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=latent_runtime,
+        **cluster_limits(mem_mb=8000, runtime=latent_runtime),
         gpu=latent_gpus,
         nodes=1,
     params:
@@ -168,8 +173,7 @@ rule use_pretrained:
         "../../environment.yaml"
     threads: 4
     resources:
-        mem_mb=attempt_scaled(8000),
-        runtime=attempt_scaled(60),
+        **cluster_limits(mem_mb=8000, runtime=60),
         gpu=config["bridge"]["gpus"],
     params:
         spec=pretrained_spec,
