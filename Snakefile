@@ -4,7 +4,8 @@
 
 from snakemake.utils import min_version
 
-min_version("9.19")
+# the version the SLURM retries were verified with (resource functions given `rulename`)
+min_version("9.27")
 
 
 # The demo config is the default only: Snakemake would otherwise merge it into a

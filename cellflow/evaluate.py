@@ -98,7 +98,8 @@ def fidelity(dataset: str, method: str, data_manifest: Path, generated_dir: Path
         for space in spaces:
             real_features, other_features = features[space.name]
             scores = fid_kid(real_features[np.array(real_mask, dtype=bool)],
-                             other_features[other_mask], kid_subset_size, kid_subsets, seed)
+                             other_features[np.array(other_mask, dtype=bool)], kid_subset_size,
+                             kid_subsets, seed)
             row.update(n_real=scores["n_real"], n_generated=scores["n_generated"],
                        kid_subset_size=scores["kid_subset_size"])
             row.update({f"fid_{space.name}": scores["fid"],

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from cellflow.cellularity import CellularityConfig
@@ -22,19 +21,7 @@ from cellflow.evaluation_shards import (
 )
 from cellflow.metrics import FeatureSpace
 from tests.test_cellularity import CLASSES, prepared_synthetic
-
-
-class CountingNetwork(torch.nn.Module):
-    """Mean and spread of each colour as a 6-d feature, counting the images it has seen."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = 0
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.seen += len(images)
-        pixels = images.float().flatten(2)
-        return torch.cat([pixels.mean(dim=2), pixels.std(dim=2)], dim=1)
+from tests.test_metrics import CountingNetwork
 
 
 @pytest.fixture(scope="module")

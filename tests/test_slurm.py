@@ -24,6 +24,11 @@ needs_cluster = pytest.mark.skipif(
     reason="no SLURM cluster answers (start one with tools/slurm-local.sh start DIR)")
 
 
+# The tests that check the runs below (tests/conftest.py starts those runs when one is chosen).
+CLUSTER_TESTS = {"test_data_stage_and_training_run_through_slurm",
+                 "test_a_retry_grows_only_what_the_failure_needs_in_the_documented_partition"}
+
+
 class ClusterRun:
     """`snakemake --profile profiles/slurm` in a folder of its own, started now and waited for
     later: these runs mostly wait on the cluster's clock (a one-minute time limit, status
@@ -49,9 +54,13 @@ class ClusterRun:
         return returncode, self.output.read_text()
 
     def stop(self) -> None:
+        """End a run that no test waited for (Snakemake cancels its jobs on SIGTERM)."""
         if self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(timeout=60)
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
 
 
 def start_runs(folder: Callable[[str], Path]) -> dict[str, ClusterRun]:
@@ -79,6 +88,23 @@ def test_profile_parses_and_requests_declared_resources():
     profile = yaml.safe_load((PROFILE / "profile.yaml").read_text())
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
     assert profile["slurm-status-command"] == "squeue"
+
+
+def test_profile_slurm_is_this_clones_whatever_another_clone_linked(tmp_path):
+    """From the clone, `--profile slurm` is ./slurm (profiles/slurm), not a profile that an
+    older set-up (of another clone) linked into ~/.config/snakemake."""
+    assert (REPO / "slurm").resolve() == PROFILE.resolve()
+    elsewhere = tmp_path / ".config" / "snakemake" / "slurm"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "profile.yaml").write_text("no-such-snakemake-option: 1\n")
+    (tmp_path / "Snakefile").write_text(
+        "rule a:\n    output: 'a.txt'\n    shell: 'touch {output}'\n")
+    result = subprocess.run(
+        [str(BIN / "snakemake"), "--profile", "slurm", "-n", "-s", str(tmp_path / "Snakefile"),
+         "--directory", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / ".config"),
+             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_cluster

@@ -54,7 +54,10 @@ echo "setup: environment ready at .venv -> $env_dir"
 # ~/.config/snakemake, so every clone uses its own profile. Earlier set-ups linked one clone's
 # profile there for all of them; such a link is removed (a profile of the user's is kept).
 profile_home=${XDG_CONFIG_HOME:-$HOME/.config}/snakemake/slurm
-if [ -L "$profile_home" ] && [[ "$(readlink "$profile_home")" == */profiles/slurm ]] \
-        && [ -e "$(dirname "$(readlink "$profile_home")")/../workflow/rules/common.smk" ]; then
-    rm -f "$profile_home"
+if [ -L "$profile_home" ]; then
+    target=$(readlink "$profile_home")
+    if [[ "$target" == */profiles/slurm ]] && { [ ! -e "$target" ] \
+            || [ -e "$target/../../workflow/rules/common.smk" ]; }; then
+        rm -f "$profile_home"
+    fi
 fi

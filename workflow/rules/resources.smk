@@ -32,7 +32,12 @@ def take_limit_overrides(overrides):
         for name in ("mem_mb", "runtime"):
             if name in resources.keys() and not resources[name].is_evaluable():
                 taken.setdefault(rule, {})[name] = int(resources[name].value)
+                # Snakemake has no public way to drop one (tests/test_slurm.py pins this)
                 del resources._data[name]
+        partition = resources.get("slurm_partition")
+        if partition is not None:  # kept: here it only caps the retries
+            name = partition.raw if partition.is_evaluable() else partition.value
+            taken.setdefault(rule, {})["slurm_partition"] = str(name).strip("'\"")
     return taken
 
 
@@ -64,7 +69,9 @@ def retried(resource, base):
             attempt - 1,
             exclude=own_log,
         )
-        partition = CLUSTER_PLACEMENT.get("slurm_partition")
+        partition = LIMIT_OVERRIDES.get(rulename, {}).get(
+            "slurm_partition", CLUSTER_PLACEMENT.get("slurm_partition")
+        )
         cap = partition_limits(partition).get(resource)
         return retried_limit(resource, first, failures, cap)
 
