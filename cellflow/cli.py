@@ -242,11 +242,12 @@ def evaluate(args: argparse.Namespace) -> int:
     generated = Path(args.generated) if args.generated else None
     cellularity_config = CellularityConfig.from_dict(evaluation["cellularity"])
     if args.action == "cellularity" and args.shard_records is not None:
-        from cellflow.evaluation_shards import assemble_cellularity
+        from cellflow.evaluation_shards import assemble_cellularity, remove_parts
 
         write_table(args.out, assemble_cellularity(spec["dataset_name"], args.image_set,
                                                    args.shard_records, args.shards,
                                                    Path(args.work)))
+        remove_parts(Path(args.work), args.shards)
     elif args.action == "cellularity":
         write_table(args.out, stages.cellularity(args.image_set, manifest, generated,
                                                  cellularity_config, workers))

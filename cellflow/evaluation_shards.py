@@ -47,6 +47,13 @@ def part_path(work: Path, shard: int, shards: int) -> Path:
     return Path(work) / f"cellularity-{shard}-of-{shards}.tsv"
 
 
+def remove_parts(work: Path, shards: int) -> None:
+    """Remove the shards' cellularity rows once the table is written (the feature chunks stay:
+    they are the feature cache)."""
+    for shard in range(shards):
+        part_path(work, shard, shards).unlink(missing_ok=True)
+
+
 def run_shard(dataset: str, image_set: str, data_manifest: Path, generated_dir: Path | None,
               cellularity_config: CellularityConfig, spaces: Sequence[FeatureSpace],
               shard: int, shards: int, work: Path, record: Path, workers: int = 1,

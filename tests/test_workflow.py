@@ -613,8 +613,11 @@ def test_a_sharded_evaluation_writes_what_one_job_wrote(demo_run, tmp_path):
     snakemake(tmp_path, *tables, "--cores", "2", "--configfile", str(sharded))
     for table in tables:
         assert (tmp_path / table).read_text() == (workdir / table).read_text(), table
-    # the shards computed every feature chunk (the cache was empty); the records are gone
+    # the shards computed every feature chunk (the cache was empty); their records and rows
+    # are gone
     assert list((tmp_path / "results" / "synthetic" / "checkpoints" / "features").glob("*"))
+    assert not list((tmp_path / "results" / "synthetic" / "checkpoints" / "evaluation"
+                     ).rglob("*.tsv"))
     assert not list((tmp_path / "results" / "synthetic" / "evaluation" / "shards").rglob("*.json"))
 
 

@@ -485,6 +485,10 @@ def image_set_inputs(wildcards):
     return inputs
 
 
+# Where the shards of an image set's evaluation leave their cellularity rows.
+EVALUATION_WORK = "results/{dataset}/checkpoints/evaluation/{image_set}"
+
+
 def evaluation_shards(dataset):
     """How many jobs measure each image set of a dataset (evaluation.shards)."""
     shards = config["evaluation"]["shards"]
@@ -508,7 +512,7 @@ def cellularity_shard_arguments(wildcards, input):
         return ""
     return (
         f"--shard-records {' '.join(input.shards)} --shards {len(input.shards)}"
-        f" --work results/{wildcards.dataset}/checkpoints/evaluation/{wildcards.image_set}"
+        f" --work {EVALUATION_WORK.format(**wildcards)}"
     )
 
 

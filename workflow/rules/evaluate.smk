@@ -102,7 +102,7 @@ rule evaluate_shard:
     params:
         spec=evaluation_spec,
         generated=generated_argument,
-        work="results/{dataset}/checkpoints/evaluation/{image_set}",
+        work=EVALUATION_WORK,
     shell:
         "python -m cellflow.cli evaluate shard --spec {params.spec:q}"
         " --manifest {input.manifest} --image-set {wildcards.image_set} {params.generated}"
