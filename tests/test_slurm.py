@@ -74,8 +74,10 @@ def start_runs(folder: Callable[[str], Path]) -> dict[str, ClusterRun]:
     (retries / "Snakefile").write_text(RETRY_SNAKEFILE.format(
         resources=REPO / "workflow" / "rules" / "resources.smk"))
     return {
+        # one thread a job: it runs beside the rest of the suite on the same CPUs
         "data_stage": ClusterRun(data_stage, [
             "results/synthetic/models/diffusion", "-s", str(REPO / "Snakefile"),
+            "--set-threads", "prepare_data=1", "train_diffusion=1",
             "--configfile", str(data_stage / "tiny.yaml")]),
         "retries": ClusterRun(retries, [
             "-s", str(retries / "Snakefile"), *RETRY_TARGETS, "--retries", "1", "--jobs", "3",
