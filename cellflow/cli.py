@@ -480,7 +480,10 @@ def doctor(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import cellflow
+
     parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cellflow {cellflow.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check-config", help="validate a config file against the schema")
     check.add_argument("config", help="path to a YAML config, e.g. config/paper.yaml")
