@@ -30,6 +30,7 @@ from cellflow.evaluate import (
 )
 from cellflow.io import read_table, write_table, write_text
 from cellflow.provenance import collect
+from cellflow.resume import read_shard_records
 
 if TYPE_CHECKING:
     import torch
@@ -87,29 +88,9 @@ def check_records(records: Sequence[Path], shards: int, dataset: str, image_set:
                   ) -> list[dict[str, Any]]:
     """The records of shards ``0 .. shards - 1`` of one image set, each once; anything else is
     an error naming the record."""
-    read: dict[int, Path] = {}
-    contents = {}
-    expected = {"dataset": dataset, "image_set": image_set, "shards": shards}
-    for path in map(Path, records):
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise EvaluationShardError(f"{path}: not a readable shard record ({err})") from None
-        wrong = {key: content.get(key) for key, value in expected.items()
-                 if content.get(key) != value}
-        if wrong:
-            raise EvaluationShardError(
-                f"{path}: a shard record of another plan ({wrong}; expected {expected})")
-        index = content["shard"]
-        if index in read:
-            raise EvaluationShardError(f"{path}: shard {index} of {shards} again (also "
-                                       f"{read[index]})")
-        read[index], contents[index] = path, content
-    missing = sorted(set(range(shards)) - set(read))
-    if missing:
-        raise EvaluationShardError(f"{image_set} of {dataset}: no record of shard(s) "
-                                   f"{', '.join(map(str, missing))} of {shards}")
-    return [contents[index] for index in range(shards)]
+    return read_shard_records(records, shards,
+                              {"dataset": dataset, "image_set": image_set, "shards": shards},
+                              f"{image_set} of {dataset}", error=EvaluationShardError)
 
 
 def assemble_cellularity(dataset: str, image_set: str, records: Sequence[Path], shards: int,

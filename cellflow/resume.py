@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,37 @@ def path_digest(path: Path) -> str:
 
 class ShardError(ValueError):
     """Shards that do not add up to one job's batches; the message names the shard."""
+
+
+def read_shard_records(records: Sequence[Path], count: int, expected: Mapping[str, Any],
+                       what: str, error: type[ValueError] = ShardError,
+                       check: Callable[[Path, dict[str, Any]], None] | None = None
+                       ) -> list[dict[str, Any]]:
+    """The records of shards ``0 .. count - 1`` of one plan (``expected``: the keys that every
+    record must carry, ``shards`` among them), each once, in shard order; ``check`` sees each
+    record as it is read. Anything else is an ``error`` naming the record (``what``: the job,
+    in the message about a missing shard)."""
+    read: dict[int, tuple[Path, dict[str, Any]]] = {}
+    for path in map(Path, records):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise error(f"{path}: not a readable shard record ({err})") from None
+        wrong = {key: record.get(key) for key, value in expected.items()
+                 if record.get(key) != value}
+        if wrong:
+            raise error(f"{path}: a shard record of another plan ({wrong}; expected "
+                        f"{dict(expected)})")
+        index = record.get("shard")
+        if index in read:
+            raise error(f"{path}: shard {index} of {count} again (also {read[index][0]})")
+        read[index] = (path, record)
+        if check is not None:
+            check(path, record)
+    missing = sorted(set(range(count)) - set(read))
+    if missing:
+        raise error(f"{what}: no record of shard(s) {', '.join(map(str, missing))} of {count}")
+    return [read[index][1] for index in range(count)]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from cellflow.generation import GenerationMethod
 from cellflow.generation.common import GenerationJob
 from cellflow.io import write_text
 from cellflow.provenance import collect
-from cellflow.resume import ShardError, Sharding
+from cellflow.resume import ShardError, Sharding, read_shard_records
 
 __all__ = ["ShardError", "check_shard_records", "run_gather", "run_shard"]
 
@@ -57,32 +57,17 @@ def check_shard_records(records: Sequence[Path], count: int, method: str, datase
                         ) -> list[dict[str, Any]]:
     """The records of shards ``0 .. count - 1`` of one method and dataset, each once, with
     no batch stored by two of them; anything else is an error naming the record."""
-    read: dict[int, tuple[Path, dict[str, Any]]] = {}
     stored_by: dict[str, Path] = {}
-    for path in records:
-        try:
-            record = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ShardError(f"{path}: not a readable shard record ({err})") from None
-        expected = {"method": method, "dataset": dataset, "shards": count}
-        wrong = {key: record.get(key) for key, value in expected.items()
-                 if record.get(key) != value}
-        if wrong:
-            raise ShardError(f"{path}: a shard record of another plan ({wrong}; expected "
-                             f"{expected})")
-        index = record.get("shard")
-        if index in read:
-            raise ShardError(f"{path}: shard {index} of {count} again (also {read[index][0]})")
-        read[index] = (Path(path), record)
+
+    def batches_once(path: Path, record: dict[str, Any]) -> None:
         for batch in record["batches"]:
             if batch in stored_by:
                 raise ShardError(f"{path}: batch {batch} was stored by {stored_by[batch]} too")
-            stored_by[batch] = Path(path)
-    missing = sorted(set(range(count)) - set(read))
-    if missing:
-        raise ShardError(f"{method} of {dataset}: no record of shard(s) "
-                         f"{', '.join(map(str, missing))} of {count}")
-    return [read[index][1] for index in range(count)]
+            stored_by[batch] = path
+
+    return read_shard_records(records, count,
+                              {"method": method, "dataset": dataset, "shards": count},
+                              f"{method} of {dataset}", check=batches_once)
 
 
 def run_gather(method: GenerationMethod, job: GenerationJob, records: Sequence[Path],
