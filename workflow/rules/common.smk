@@ -11,6 +11,42 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+
+def _cellflow_package():
+    """Where this workflow's `cellflow` package is, and put it first for this process and
+    every job (venv, --sdm conda, a cluster node), so code and workflow never come from two
+    versions. A workflow on disk (a clone, a module or snakedeploy deployment given a path)
+    uses the package beside it; one sourced remotely (github(...), git+file:) has none on
+    disk and needs an installed cellflow of its own version."""
+    rules = workflow.current_basedir
+    source_root = os.path.normpath(os.path.join(rules.get_path_or_uri(secret_free=True), "..", ".."))
+    if os.path.isfile(os.path.join(source_root, "cellflow", "__init__.py")):
+        sys.path.insert(0, source_root)
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [source_root, os.environ.get("PYTHONPATH")])
+        )
+        return
+    with workflow.sourcecache.open(rules.join("../../cellflow/__init__.py")) as init:
+        wanted = re.search(r'__version__ = "([^"]+)"', init.read()).group(1)
+    try:
+        import cellflow
+    except ImportError:
+        raise WorkflowError(
+            f"this workflow is cellflow {wanted}, sourced from "
+            f"{rules.get_path_or_uri(secret_free=True)}, and no cellflow package is "
+            f"installed: pip install 'cellflow=={wanted}' (or run a clone of the workflow)"
+        ) from None
+    if cellflow.__version__ != wanted:
+        raise WorkflowError(
+            f"this workflow is cellflow {wanted} but the installed cellflow is "
+            f"{cellflow.__version__} ({os.path.dirname(cellflow.__file__)}): "
+            f"pip install 'cellflow=={wanted}', or deploy the workflow of version "
+            f"{cellflow.__version__}"
+        )
+
+
+_cellflow_package()
+
 from cellflow.config import (
     dataset_configs,
     default_benchmark_name,
@@ -23,14 +59,6 @@ from cellflow.generation import methods_of
 from cellflow.generation import job_settings as generation_job_settings
 from cellflow.keep import back_up, discard, restore_missing
 from cellflow.report import missing_front_page_message
-
-# Jobs import this checkout's package whatever environment runs them (venv, --sdm conda, a
-# cluster node), so code and workflow never come from two different versions.
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(
-        filter(None, [workflow.basedir, os.environ.get("PYTHONPATH")])
-    )
-)
 
 CONFIG_FILES = [str(path) for path in workflow.configfiles]
 # Only settings given with --config count as a source of their own (overwrite_config also

@@ -13,7 +13,7 @@ rule synthesize_dataset:
     wildcard_constraints:
         dataset=choice(SYNTHETIC_DATASETS),
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=1000, runtime=30),
@@ -55,7 +55,7 @@ rule prepare_data:
     benchmark:
         "results/{dataset}/benchmarks/prepare_data.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=4000, runtime=60),

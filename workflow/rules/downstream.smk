@@ -13,7 +13,7 @@ rule train_downstream:
     benchmark:
         "results/{dataset}/benchmarks/train_downstream/{backbone}-{strategy}-seed{seed}.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(
@@ -51,7 +51,7 @@ rule summarize_downstream:
     benchmark:
         "results/{dataset}/benchmarks/summarize_downstream.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=1000, runtime=10),
@@ -76,7 +76,7 @@ rule benchmark_table:
     benchmark:
         f"{BENCHMARK_DIR}/jobs/benchmark_table.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=1000, runtime=10),

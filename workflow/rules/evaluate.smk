@@ -14,7 +14,7 @@ rule measure_cellularity:
     benchmark:
         "results/{dataset}/benchmarks/measure_cellularity/{image_set}.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=4000, runtime=config["evaluation"]["runtime_minutes"]),
@@ -39,7 +39,7 @@ rule validate_cellularity:
     benchmark:
         "results/{dataset}/benchmarks/validate_cellularity.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=4000, runtime=config["evaluation"]["runtime_minutes"]),
@@ -63,7 +63,7 @@ rule fidelity:
     benchmark:
         "results/{dataset}/benchmarks/fidelity/{image_set}.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
@@ -94,7 +94,7 @@ rule evaluate_shard:
         shard=r"\d+",
         shards=r"\d+",
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
@@ -126,7 +126,7 @@ rule analyse_trajectories:
     benchmark:
         "results/{dataset}/benchmarks/analyse_trajectories.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
@@ -154,7 +154,7 @@ rule temporal_coherence:
     benchmark:
         "results/{dataset}/benchmarks/temporal_coherence.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
@@ -180,7 +180,7 @@ rule memorization:
     benchmark:
         "results/{dataset}/benchmarks/memorization/{method}.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),

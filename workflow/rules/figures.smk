@@ -31,7 +31,7 @@ rule figure_classification:
     benchmark:
         f"{BENCHMARK_DIR}/jobs/figures/classification.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -68,7 +68,7 @@ rule figure_fidelity:
     benchmark:
         f"{BENCHMARK_DIR}/jobs/figures/fidelity.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -105,7 +105,7 @@ rule figure_trajectories:
     benchmark:
         f"{BENCHMARK_DIR}/jobs/figures/trajectories.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -137,7 +137,7 @@ rule figure_runtimes:
     benchmark:
         f"{BENCHMARK_DIR}/jobs/figures/runtimes.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -172,7 +172,7 @@ rule figure_training_curves:
     benchmark:
         "results/{dataset}/benchmarks/figures/training_curves.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -201,7 +201,7 @@ rule figure_trajectory_strips:
     benchmark:
         "results/{dataset}/benchmarks/figures/trajectory_strips.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -234,7 +234,7 @@ rule figure_cellularity_curves:
     benchmark:
         "results/{dataset}/benchmarks/figures/cellularity_curves.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -261,7 +261,7 @@ rule figure_fourier_stairs:
     benchmark:
         "results/{dataset}/benchmarks/figures/fourier_stairs.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -291,7 +291,7 @@ rule figure_cellularity_validation:
     benchmark:
         "results/{dataset}/benchmarks/figures/cellularity_validation.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -323,7 +323,7 @@ rule figure_side_by_side:
     benchmark:
         "results/{dataset}/benchmarks/figures/side_by_side.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -362,7 +362,7 @@ rule figure_per_class:
     benchmark:
         "results/{dataset}/benchmarks/figures/per_class.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -401,7 +401,7 @@ rule figure_memorization:
     benchmark:
         "results/{dataset}/benchmarks/figures/memorization.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -431,7 +431,7 @@ rule figure_closest_pairs:
     benchmark:
         "results/{dataset}/benchmarks/figures/closest_pairs/{method}.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
@@ -475,7 +475,7 @@ rule front_page:
     benchmark:
         f"{BENCHMARK_DIR}/jobs/figures/front_page.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/figures.yaml"
     threads: 1
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),

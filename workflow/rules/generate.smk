@@ -27,7 +27,7 @@ rule generate:
     benchmark:
         "results/{dataset}/benchmarks/generate_{method}.tsv"
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["bridge"]["runtime_minutes"]),
@@ -58,7 +58,7 @@ rule generate_shard:
         shard=r"\d+",
         shards=r"\d+",
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=config["bridge"]["runtime_minutes"]),

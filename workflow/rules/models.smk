@@ -30,7 +30,7 @@ rule train_diffusion:
     wildcard_constraints:
         dataset=choice(trained_datasets("diffusion")),
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(
@@ -67,7 +67,7 @@ rule train_classifier:
     wildcard_constraints:
         dataset=choice(trained_datasets("classifier")),
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(
@@ -104,7 +104,7 @@ rule train_autoencoder:
     wildcard_constraints:
         dataset=choice(trained_datasets("autoencoder")),
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(
@@ -142,7 +142,7 @@ rule train_latent:
     wildcard_constraints:
         model="ldm|dit",
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=latent_runtime),
@@ -170,7 +170,7 @@ rule use_pretrained:
     wildcard_constraints:
         model="diffusion|classifier|decoder|autoencoder",
     conda:
-        "../../environment.yaml"
+        "../envs/cellflow.yaml"
     threads: 4
     resources:
         **cluster_limits(mem_mb=8000, runtime=60),
