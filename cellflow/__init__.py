@@ -4,4 +4,4 @@ A plain package with one module per concern; the Snakemake workflow in ``workflo
 its functions into a DAG.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -276,16 +276,3 @@ def test_a_pool_leaves_out_the_configured_datasets_by_default():
                                           "unlabelled pool"):
         validate_config(config)
 
-
-def test_the_version_is_the_one_the_package_declares():
-    import re
-    import subprocess
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    # tomllib is not in Python 3.10
-    declared = re.search(r'^version = "([^"]+)"$', (repo / "pyproject.toml").read_text(),
-                         re.MULTILINE).group(1)
-    result = subprocess.run([sys.executable, "-m", "cellflow.cli", "--version"], cwd=repo,
-                            capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == f"cellflow {declared}"
