@@ -20,12 +20,12 @@ setup:  ## create or reuse the cached environment and link it at .venv
 
 lint: setup  ## what CI checks besides the tests
 	ruff check cellflow tests benchmarks
-	snakefmt --check Snakefile workflow/rules
+	snakefmt --check workflow
 	snakemake --lint
 
 format: setup
 	ruff check --fix cellflow tests benchmarks
-	snakefmt Snakefile workflow/rules
+	snakefmt workflow
 
 dag: setup  ## redraw the rule graph in the README (needs graphviz's dot)
 	snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg

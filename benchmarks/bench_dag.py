@@ -21,6 +21,7 @@ import yaml
 from benchmarks.machine import record
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
@@ -30,7 +31,7 @@ def plan(config: dict, workdir: Path) -> tuple[int, float]:
     path.write_text(yaml.safe_dump(config))
     started = time.perf_counter()
     result = subprocess.run(
-        [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        [str(SNAKEMAKE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
          "-n", "--quiet", "rules", "--configfile", str(path)],
         capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - started

@@ -24,6 +24,7 @@ import yaml
 from benchmarks.machine import record
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 
 
@@ -57,7 +58,7 @@ def run(workdir: Path, config: dict, *args: str) -> tuple[float, list[str]]:
     before = slurm_job_ids()
     started = time.perf_counter()
     result = subprocess.run(
-        [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        [str(SNAKEMAKE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
          "--profile", str(REPO / "profiles" / "slurm"), *args, "--configfile", str(path)],
         capture_output=True, text=True,
         env={**os.environ, "PATH": f"{SNAKEMAKE.parent}{os.pathsep}{os.environ['PATH']}"})

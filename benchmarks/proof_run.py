@@ -33,6 +33,7 @@ from benchmarks.machine import RESULTS, markdown_table
 from cellflow.machine import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
 WORK = REPO / "benchmarks" / "proof"
 CONFIG = REPO / "config" / "proof.yaml"
 DATASET = "proof"
@@ -86,7 +87,7 @@ def share_results(first: str, name: str) -> None:
 def run_variant(name: str, cores: int, later: bool, dry_run: bool = False) -> float:
     config = variant_config(name)
     started = time.perf_counter()
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE),
                "--directory", str(WORK / name), "--configfile", str(config),
                "--cores", str(cores)]
     if later:  # the targets first: --rerun-triggers takes every word after it

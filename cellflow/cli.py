@@ -3,23 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import time
 from pathlib import Path
 
-from cellflow.config import ConfigError, dataset_configs, load_config
+from cellflow.config import ConfigError, dataset_configs, load_configs
 from cellflow.generation import METHODS
+from cellflow.logs import note
 
 # The model folders a generation job may read, one --<name> option each.
 MODEL_ARGUMENTS = ("diffusion", "classifier", "decoder", "autoencoder", "ldm", "dit")
+SPEC_HELP = "the job's settings, a JSON file (or text): "
 GPUS_HELP = "GPUs this job computes on (a local run pins free devices: cellflow.gpu_slots)"
 # The commands pipeline jobs run; each writes a provenance record with its output.
 JOB_COMMANDS = ("data", "train", "generate", "use-pretrained", "downstream", "evaluate",
                 "figures")
 
 
-def check_config(path: str) -> int:
+def spec_text(value: str) -> str:
+    """A job's settings: the JSON file the workflow wrote for it (logs/{dataset}/specs/), or
+    the JSON itself (a command typed by hand)."""
+    if value.lstrip().startswith("{"):
+        return value
     try:
-        config = load_config(path)
+        return Path(value).read_text()
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read the settings file {value}: "
+                                         f"{err.strerror}") from None
+
+
+def check_config(paths: str | list[str], schema_only: bool = False) -> int:
+    """Validate config files (merged in order, as Snakemake merges them) and, unless
+    ``schema_only``, what they need of this machine: data roots, weights, timm backbones."""
+    from cellflow.config import environment_problems
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    source = " + ".join(paths)
+    try:
+        config = load_configs(paths)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 1
@@ -27,7 +50,48 @@ def check_config(path: str) -> int:
         root = f", root {dataset.root}" if dataset.root else ""
         print(f"{dataset.name}: {dataset.kind}, {len(dataset.classes)} classes, "
               f"{dataset.resolution} px{root}")
-    print(f"{path}: valid")
+    problems = [] if schema_only else environment_problems(config)
+    if problems:
+        lines = "\n".join(f"  {source}: {problem}" for problem in problems)
+        print(f"{source} cannot run on this machine:\n{lines}", file=sys.stderr)
+        return 1
+    checked = "schema" if schema_only else "schema, data roots, weights and backbones"
+    print(f"{source}: valid ({checked})")
+    return 0
+
+
+def new_dataset(args: argparse.Namespace) -> int:
+    """Write a complete, commented config for one dataset (cellflow.scaffold)."""
+    import shlex
+
+    from cellflow.scaffold import ScaffoldError, describe, write_new_dataset
+
+    command = shlex.join(["cellflow", "new-dataset", args.name, args.root, "--kind", args.kind,
+                          "--preset", args.preset]
+                         + (["--resolution", str(args.resolution)] if args.resolution else []))
+    try:
+        output, scaffold = write_new_dataset(
+            args.name, args.root, output=args.output, kind=args.kind, preset=args.preset,
+            resolution=args.resolution, force=args.force, command=command)
+    except (ScaffoldError, ConfigError) as err:
+        print(f"new-dataset: {err}", file=sys.stderr)
+        return 1
+    for warning in scaffold.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(describe(output, scaffold))
+    return 0
+
+
+def show_config(paths: list[str], comments: bool) -> int:
+    """Print the effective config of these files: merged, validated, defaults filled."""
+    from cellflow.scaffold import show_config_text
+
+    try:
+        text = show_config_text(paths, comments=comments)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 1
+    sys.stdout.write(text)
     return 0
 
 
@@ -35,14 +99,10 @@ def _job_setup(threads: int | None, log_file: str | None) -> None:
     """What every pipeline job does first: log to its file (which names the machine and the
     GPUs the job sees), use its share of the CPUs. Under `accelerate launch` each process
     logs to a file of its own and takes its share of the job's threads."""
-    import os
-
     from cellflow.logs import log_to_file
 
     rank, processes = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if log_file:
-        import logging
-
         from cellflow.machine import describe_machine
 
         log_to_file(log_file if rank == 0 else f"{log_file}.rank{rank}")
@@ -105,11 +165,14 @@ def generate(method: str, spec_json: str, manifest: str, models: dict[str, str |
         models={name: Path(path) for name, path in models.items() if path},
         out_dir=Path(out), work_dir=Path(work) if work else None)
     if shard is not None:
-        run_shard(chosen, job, shard, shards, Path(out))
-    elif shards > 1:
-        run_gather(chosen, job, [Path(record) for record in shard_records or []], shards)
+        note("batches", len(run_shard(chosen, job, shard, shards, Path(out))))
+        return 0
+    if shards > 1:
+        manifest = run_gather(chosen, job, [Path(record) for record in shard_records or []],
+                              shards)
     else:
-        chosen.run(job)
+        manifest = chosen.run(job)
+    note("images", len(manifest))
     return 0
 
 
@@ -132,11 +195,12 @@ def data(args: argparse.Namespace) -> int:
         return 0
     from cellflow.data import prepare_dataset, read_ground_truth
 
-    prepare_dataset(dataset=dataset, prepare=PrepareConfig(**spec["prepare"]),
-                    raw_root=Path(args.raw_root), out_dir=out_dir, seed=spec["seed"],
-                    threads=args.threads,
-                    ground_truth=read_ground_truth(args.ground_truth) if args.ground_truth
-                    else None)
+    manifest = prepare_dataset(
+        dataset=dataset, prepare=PrepareConfig(**spec["prepare"]), raw_root=Path(args.raw_root),
+        out_dir=out_dir, seed=spec["seed"], threads=args.threads,
+        ground_truth=read_ground_truth(args.ground_truth) if args.ground_truth else None)
+    for split, count in sorted(manifest["split"].value_counts().items()):
+        note(f"{split} images", count)
     return 0
 
 
@@ -173,12 +237,14 @@ def downstream(args: argparse.Namespace) -> int:
 
         spec = json.loads(args.spec)
         settings = spec["downstream"]
-        train_downstream(
+        metrics = train_downstream(
             Path(args.manifest), spec["dataset"]["classes"], spec["dataset"]["resolution"],
             args.backbone, args.strategy, settings["strategies"][args.strategy],
             DownstreamTrainConfig.from_dict(settings["train"]), args.seed, Path(args.out),
             Path(args.generated) if args.generated else None,
             settings["pretrained"].get(args.backbone), Path(args.work) if args.work else None)
+        note("epochs", metrics["epochs_run"])
+        note("test balanced accuracy", metrics["test"]["balanced_accuracy"])
     elif args.action == "summarize":
         out = Path(args.out)
         runs = read_runs(args.inputs, args.dataset)
@@ -482,11 +548,53 @@ def doctor(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     import cellflow
 
-    parser = argparse.ArgumentParser(prog="cellflow", description=__doc__)
+    # @FILE stands for the arguments in FILE, one a line: the workflow passes long file
+    # lists so, keeping every printed command one short line
+    parser = argparse.ArgumentParser(prog="cellflow", description=__doc__,
+                                     fromfile_prefix_chars="@")
     parser.add_argument("--version", action="version", version=f"cellflow {cellflow.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-config", help="validate a config file against the schema")
-    check.add_argument("config", help="path to a YAML config, e.g. config/paper.yaml")
+    check = commands.add_parser(
+        "check-config", help="validate config files: the schema, and what they need of this "
+                             "machine (data roots, weights files, timm backbone names)")
+    check.add_argument("config", nargs="+",
+                       help="YAML config(s), e.g. config/paper.yaml; several are merged in "
+                            "order, as snakemake --configfile merges them")
+    check.add_argument("--schema-only", action="store_true",
+                       help="only what the workflow checks when it parses (the schema and the "
+                            "consistency of the keys): no files, no timm; e.g. on a machine "
+                            "without the data")
+    scaffold = commands.add_parser(
+        "new-dataset", help="write a complete, commented config for one dataset",
+        description="Write a complete, commented config for one dataset: its classes (from "
+                    "the class folders of ROOT, or those its official kind declares), "
+                    "transitions of consecutive classes, every downstream strategy (every "
+                    "batch augmentation and every generation method, Cellflow included), and "
+                    "the sizes of a preset. It is validated before it is written.")
+    scaffold.add_argument("name", help="the dataset's name (results/NAME/; also the "
+                                       "benchmark's: results/benchmarks/NAME/)")
+    scaffold.add_argument("root", help="the data: class folders ROOT/<class>/*.png (or "
+                                       "ROOT/{train,val,test}/<class>/), or the unpacked "
+                                       "download of an official kind")
+    scaffold.add_argument("--kind", default="folder",
+                          help="folder (default: class folders) or an official layout: mhist, "
+                               "chaoyang, bci, aml, prcc, breastpathq, gleason2019 "
+                               "(README \"Datasets\")")
+    scaffold.add_argument("--preset", choices=["demo", "paper"], default="demo",
+                          help="model, training, generation, downstream and evaluation sizes: "
+                               "demo (config/config.yaml: tiny, minutes on a CPU; default) or "
+                               "paper (config/paper.yaml)")
+    scaffold.add_argument("--output", help="the file to write (default: config/NAME.yaml)")
+    scaffold.add_argument("--resolution", type=int,
+                          help="side in pixels every stage sees (default: the preset's, 32 "
+                               "for demo, 256 for paper)")
+    scaffold.add_argument("--force", action="store_true", help="overwrite an existing file")
+    show = commands.add_parser(
+        "show-config", help="print the effective config: files merged in order as snakemake "
+                            "merges them, validated, every default filled in")
+    show.add_argument("config", nargs="+", help="YAML config(s), merged in order")
+    show.add_argument("--comments", action="store_true",
+                      help="each key with its meaning from the schema")
     preflight = commands.add_parser(
         "doctor", help="preflight check of a run: data, weights, disk, SLURM, GPUs")
     preflight.add_argument("--configfile", nargs="+", required=True,
@@ -497,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="where the run writes (for the free-disk check)")
     stage = commands.add_parser("data", help="render the synthetic dataset, prepare a dataset")
     stage.add_argument("action", choices=["synthesize", "prepare"])
-    stage.add_argument("--spec", required=True,
-                       help="JSON: dataset_name, dataset, seed (prepare: and prepare)")
+    stage.add_argument("--spec", type=spec_text, required=True,
+                       help=SPEC_HELP + "dataset_name, dataset, seed (prepare: and prepare)")
     stage.add_argument("--raw-root", help="prepare: the dataset's raw images")
     stage.add_argument("--ground-truth", help="prepare: a synthetic dataset's ground_truth.tsv")
     stage.add_argument("--out", required=True,
@@ -508,8 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     stage.add_argument("--log", help="write logging and progress to this file")
     fit = commands.add_parser("train", help="train the diffusion model or the classifier")
     fit.add_argument("model", choices=["diffusion", "classifier", "autoencoder", "ldm", "dit"])
-    fit.add_argument("--spec", required=True,
-                     help="JSON: dataset_name, dataset, noise_schedule, settings, seed")
+    fit.add_argument("--spec", type=spec_text, required=True,
+                     help=SPEC_HELP + "dataset_name, dataset, noise_schedule, settings, seed")
     fit.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     fit.add_argument("--out", required=True, help="output folder (replaced at the end)")
     fit.add_argument("--checkpoints", required=True,
@@ -520,8 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     fit.add_argument("--log", help="write logging and progress to this file")
     make = commands.add_parser("generate", help="Cellflow trajectories or a baseline")
     make.add_argument("method", help=f"{', '.join(METHODS)}, or a generation.external entry")
-    make.add_argument("--spec", required=True,
-                      help="JSON: dataset_name, dataset, noise_schedule, bridge, method, seed")
+    make.add_argument("--spec", type=spec_text, required=True,
+                      help=SPEC_HELP + "dataset_name, dataset, noise_schedule, bridge, method,"
+                      " seed")
     make.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     make.add_argument("--diffusion", help="diffusion model folder (unet/)")
     make.add_argument("--classifier", help="classifier folder (classifier/), if the method "
@@ -544,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--log", help="write logging and progress to this file")
     adopt = commands.add_parser("use-pretrained",
                                 help="check a dataset's pretrained model and put it in place")
-    adopt.add_argument("--spec", required=True,
-                       help="JSON: dataset_name, dataset, noise_schedule, model, key, "
+    adopt.add_argument("--spec", type=spec_text, required=True,
+                       help=SPEC_HELP + "dataset_name, dataset, noise_schedule, model, key, "
                             "pretrained, settings, seed")
     adopt.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     adopt.add_argument("--out", required=True, help="model folder (replaced at the end)")
@@ -554,7 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     adopt.add_argument("--log", help="write logging and progress to this file")
     down = commands.add_parser("downstream", help="downstream classifier runs and tables")
     down.add_argument("action", choices=["train", "summarize", "benchmark"])
-    down.add_argument("--spec", help="train: JSON with dataset and downstream settings")
+    down.add_argument("--spec", type=spec_text,
+                      help="train: " + SPEC_HELP + "dataset, downstream")
     down.add_argument("--manifest", help="train: prepared data manifest.tsv")
     down.add_argument("--backbone", help="train: timm model name")
     down.add_argument("--strategy", help="train: augmentation strategy name")
@@ -573,8 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     score.add_argument("action", choices=["cellularity", "validate-cellularity", "fidelity",
                                           "trajectories", "coherence", "memorization",
                                           "shard"])
-    score.add_argument("--spec", required=True,
-                       help="JSON: dataset_name, dataset, evaluation, feature_network, seed")
+    score.add_argument("--spec", type=spec_text, required=True,
+                       help=SPEC_HELP + "dataset_name, dataset, evaluation, feature_network, seed")
     score.add_argument("--manifest", required=True, help="prepared data manifest.tsv")
     score.add_argument("--image-set",
                        help="cellularity, fidelity: real images or one method's")
@@ -674,12 +784,22 @@ def main(argv: list[str] | None = None) -> int:
                       if hasattr(args, name))
     spec = getattr(args, "spec", None)
     shard = getattr(args, "shard", None)
+    started = time.perf_counter()
     with recorded(outputs, rule=f"{args.command} {positional}",
                   shard=f"{shard} of {args.shards}" if shard is not None else None,
                   config_hash=config_digest(spec) if spec else None):
         code = _dispatch(args)
         if code:
             raise SystemExit(code)  # a job that reports failure gets no record
+    if os.environ.get("RANK", "0") == "0":
+        from cellflow.logs import job_summary
+
+        name = f"{args.command} {positional}" + (f" shard {shard}" if shard is not None else "")
+        # a shard's part of the work lies in its work folder, until the gather takes it
+        written = outputs if shard is None else [Path(args.work)] if args.work else []
+        summary = job_summary(name, written, time.perf_counter() - started)
+        logging.getLogger("cellflow").info(summary)
+        print(summary, file=sys.__stdout__, flush=True)  # the terminal, not the log
     return 0
 
 
@@ -704,7 +824,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "doctor":
         return doctor(args)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, schema_only=args.schema_only)
+    if args.command == "new-dataset":
+        return new_dataset(args)
+    if args.command == "show-config":
+        return show_config(args.config, args.comments)
     if args.command == "train":
         return train(args.model, args.spec, args.manifest, args.out, args.checkpoints,
                      args.threads, args.log, args.autoencoder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -141,6 +142,40 @@ def load_config(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return validate_config(raw if raw is not None else {}, source=str(path))
+
+
+def merged_config(config_files: Sequence[str | Path]) -> dict[str, Any]:
+    """The files' settings merged the way Snakemake merges several --configfile: in order,
+    a mapping into a mapping key by key, anything else replaced."""
+    merged: dict[str, Any] = {}
+    for path in config_files:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        _update(merged, loaded)
+    return merged
+
+
+def _update(base: dict[str, Any], new: Mapping[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def load_configs(config_files: Sequence[str | Path]) -> dict[str, Any]:
+    """The config a run of these files sees: merged as Snakemake merges them, validated,
+    every default filled in, and the benchmark named as the workflow names it."""
+    if not config_files:
+        raise ConfigError("no config file given")
+    config = validate_config(merged_config(config_files),
+                             source=" + ".join(map(str, config_files)))
+    config.setdefault("benchmark", default_benchmark_name(config_files))
+    return config
 
 
 def validate_config(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
@@ -374,3 +409,148 @@ def default_benchmark_name(config_files: Sequence[str | Path]) -> str:
         return "default"
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(config_files[-1]).stem).strip("-_")
     return name or "default"
+
+
+# What a config needs of the machine it runs on (files on disk, timm's model names). These
+# checks read the file system and import timm (and so torch), so the workflow's parse-time
+# validation above never runs them: `cellflow check-config` and `cellflow doctor` do.
+
+
+def weight_paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, bool]]:
+    """(config key, path, must be a file) of every weights path and imported-image root of a
+    validated config."""
+    for name, dataset in config["datasets"].items():
+        for model, entry in dataset.get("pretrained", {}).items():
+            yield f"datasets.{name}.pretrained.{model}.path", entry["path"], False
+    for model in ("diffusion", "classifier"):
+        if "init_from" in config[model]:
+            yield f"{model}.init_from.path", config[model]["init_from"]["path"], False
+    for backbone, path in config["downstream"]["pretrained"].items():
+        yield f"downstream.pretrained.{backbone}", path, True
+    if config["evaluation"]["inception_weights"]:
+        yield "evaluation.inception_weights", config["evaluation"]["inception_weights"], True
+    for method, entry in config["generation"]["external"].items():
+        yield f"generation.external.{method}.root", entry["root"], False
+
+
+def data_paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, Literal["file", "folder"]]]:
+    """(config key, path, what it must be) of the data the selected datasets read: each root
+    (every kind but synthetic), sample sheet and split-list folder."""
+    for name in _selected(config):
+        entry = config["datasets"][name]
+        if entry["kind"] != "synthetic":
+            yield f"datasets.{name}.root", entry["root"], "folder"
+        group = entry["split"].get("group") or {}
+        if "sheet" in group:
+            yield f"datasets.{name}.split.group.sheet", group["sheet"], "file"
+        if entry.get("options", {}).get("split_lists"):
+            yield f"datasets.{name}.options.split_lists", entry["options"]["split_lists"], "folder"
+
+
+def fitted_by_this_run(config: Mapping[str, Any], path: str) -> bool:
+    """Whether ``path`` is a model this run fits on one of its unlabelled pools
+    (results/<pool>/models/...), so that it need not exist yet."""
+    pools = [f"results/{name}/models/" for name, entry in config["datasets"].items()
+             if not DATASET_KINDS[entry["kind"]].labelled]
+    return any(os.path.normpath(path).startswith(pool) for pool in pools)
+
+
+def path_problem(path: str, must_be: Literal["file", "folder", "any"] = "any") -> str | None:
+    """Why ``path`` cannot be read as it must be, or None."""
+    target = Path(path)
+    if must_be == "folder" and not target.is_dir():
+        return f"{path} does not exist or is not a folder"
+    if not target.exists():
+        return f"{path} not found"
+    if must_be == "file" and not target.is_file():
+        return f"{path} is not a file"
+    if target.is_file() and (target.stat().st_size == 0 or not os.access(target, os.R_OK)):
+        return f"{path} is empty or unreadable"
+    return None
+
+
+def backbone_problems(config: Mapping[str, Any]) -> Iterator[str]:
+    """Every downstream backbone that is no timm model name, with the closest names."""
+    import timm  # lazily: it imports torch, which the workflow's parse never needs
+
+    known: list[str] | None = None
+    for index, name in enumerate(config["downstream"]["backbones"]):
+        if timm.is_model(name):
+            continue
+        known = known if known is not None else timm.list_models()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = (f" (did you mean {close[0]}?)" if close
+                else " (`python -c 'import timm; print(timm.list_models())'` lists them)")
+        yield f"downstream.backbones[{index}]: unknown timm model '{name}'{hint}"
+
+
+def environment_problems(config: Mapping[str, Any], backbones: bool = True) -> list[str]:
+    """What stops a validated config from running on this machine, each as ``<key>: <why>``:
+    a missing data root, sample sheet or split list, a missing weights file or model folder
+    (not those this run fits on its pools), and, with ``backbones``, an unknown timm model."""
+    problems = []
+    for key, path, must_be in data_paths(config):
+        problem = path_problem(path, must_be)
+        if problem:
+            problems.append(f"{key}: {problem}")
+    for key, path, must_be_file in weight_paths(config):
+        if not fitted_by_this_run(config, path):
+            problem = path_problem(path, "file" if must_be_file else "any")
+            if problem:
+                problems.append(f"{key}: {problem}")
+    if backbones:
+        problems += backbone_problems(config)
+    return problems
+
+
+def typed_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` (Snakemake's ``--config``) with the scalars the schema types restored.
+
+    Snakemake reads a nested ``--config 'bridge={"runtime_minutes": 30}'`` with YAML's base
+    loader, which keeps every scalar a string; a string where the schema allows no string
+    is read as YAML (``"30"`` -> 30, ``"true"`` -> True, ``"null"`` -> None) and kept when
+    it then has a type the schema allows. Class names and other strings stay strings.
+    """
+    schema = load_schema()
+    return _typed(dict(overrides), schema, schema)
+
+
+_JSON_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None)}
+
+
+def _allowed_types(schema: Mapping[str, Any], root: Mapping[str, Any]) -> set[str]:
+    schema = _resolve(schema, root)
+    kinds = schema.get("type", [])
+    types = set(kinds if isinstance(kinds, list) else [kinds])
+    for choice in ("oneOf", "anyOf"):
+        for branch in schema.get(choice, []):
+            types |= _allowed_types(branch, root)
+    if "enum" in schema:
+        types |= {"string" if isinstance(v, str) else "number" for v in schema["enum"]}
+    return types
+
+
+def _typed(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
+    schema = _resolve(schema, root)
+    if isinstance(value, dict):
+        extra = schema.get("additionalProperties")
+        return {key: _typed(item, schema.get("properties", {}).get(
+                    key, extra if isinstance(extra, Mapping) else {}), root)
+                for key, item in value.items()}
+    if isinstance(value, list):
+        items = schema.get("items", {})
+        return [_typed(item, items, root) for item in value]
+    if not isinstance(value, str):
+        return value
+    types = _allowed_types(schema, root)
+    if not types or "string" in types:
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    wanted = tuple(_JSON_TYPES[kind] for kind in types if kind in _JSON_TYPES)
+    # bool is an int to Python: a "true" is a boolean only where the schema has one
+    if isinstance(parsed, bool) and "boolean" not in types:
+        return value
+    return parsed if wanted and isinstance(parsed, wanted) else value

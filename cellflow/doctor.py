@@ -9,7 +9,6 @@ line naming the file or the config key; the exit status is non-zero if there is 
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -23,7 +22,16 @@ from typing import Any, Literal
 
 import yaml
 
-from cellflow.config import ConfigError, dataset_configs, validate_config
+from cellflow.config import (
+    ConfigError,
+    backbone_problems,
+    dataset_configs,
+    fitted_by_this_run,
+    merged_config,
+    path_problem,
+    validate_config,
+    weight_paths,
+)
 from cellflow.datasets import KINDS
 from cellflow.datasets.common import DataError, compare_with_published
 
@@ -41,28 +49,6 @@ class Finding:
 
     def line(self) -> str:
         return f"{self.severity.upper():8} {self.subject}: {self.message}"
-
-
-def merged_config(config_files: Sequence[str | Path]) -> dict[str, Any]:
-    """The files' settings merged the way Snakemake merges several --configfile."""
-    merged: dict[str, Any] = {}
-    for path in config_files:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        _update(merged, loaded)
-    return merged
-
-
-def _update(base: dict[str, Any], new: Mapping[str, Any]) -> None:
-    for key, value in new.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            _update(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
 
 
 @dataclass
@@ -146,39 +132,24 @@ def warnings_logged() -> Iterator[list[str]]:
         logger.removeHandler(handler)
 
 
-def weight_paths(config: Mapping[str, Any]) -> Iterator[tuple[str, str, bool]]:
-    """(config key, path, must be a file) of every weights path and imported-image root."""
-    for name, dataset in config["datasets"].items():
-        for model, entry in dataset.get("pretrained", {}).items():
-            yield f"datasets.{name}.pretrained.{model}.path", entry["path"], False
-    for model in ("diffusion", "classifier"):
-        if "init_from" in config[model]:
-            yield f"{model}.init_from.path", config[model]["init_from"]["path"], False
-    for backbone, path in config["downstream"]["pretrained"].items():
-        yield f"downstream.pretrained.{backbone}", path, True
-    if config["evaluation"]["inception_weights"]:
-        yield "evaluation.inception_weights", config["evaluation"]["inception_weights"], True
-    for method, entry in config["generation"]["external"].items():
-        yield f"generation.external.{method}.root", entry["root"], False
-
-
 def check_weights(config: Mapping[str, Any]) -> list[Finding]:
-    pools = {f"results/{name}/models/" for name, entry in config["datasets"].items()
-             if not KINDS[entry["kind"]].labelled}
+    """Every weights path and imported-image root (cellflow.config.weight_paths)."""
     findings = []
     for key, path, must_be_file in weight_paths(config):
-        target = Path(path)
-        if any(os.path.normpath(path).startswith(pool) for pool in pools):
+        if fitted_by_this_run(config, path):
             findings.append(Finding("ok", key, f"{path} is fitted by this run on its pool"))
-        elif not target.exists():
-            findings.append(Finding("problem", key, f"{path} not found"))
-        elif must_be_file and not target.is_file():
-            findings.append(Finding("problem", key, f"{path} is not a file"))
-        elif target.is_file() and (target.stat().st_size == 0 or not os.access(target, os.R_OK)):
-            findings.append(Finding("problem", key, f"{path} is empty or unreadable"))
-        else:
-            findings.append(Finding("ok", key, str(path)))
+            continue
+        problem = path_problem(path, "file" if must_be_file else "any")
+        findings.append(Finding("problem", key, problem) if problem else
+                        Finding("ok", key, str(path)))
     return findings
+
+
+def check_backbones(config: Mapping[str, Any]) -> list[Finding]:
+    """Every downstream backbone is a timm model name."""
+    problems = [problem.split(": ", 1) for problem in backbone_problems(config)]
+    return [Finding("problem", key, why) for key, why in problems] or [
+        Finding("ok", "downstream.backbones", ", ".join(config["downstream"]["backbones"]))]
 
 
 def _parameters(config: Mapping[str, Any], resolution: int, classes: int) -> dict[str, int]:
@@ -357,7 +328,7 @@ def run_doctor(config_files: Sequence[str | Path], profile: str | None = None,
                 for line in str(err).splitlines()[1:] or [str(err)]]
     findings = [Finding("ok", "config", " + ".join(map(str, config_files)) + " is valid")]
     dataset_findings, surveys = check_datasets(config)
-    findings += dataset_findings + check_weights(config)
+    findings += dataset_findings + check_weights(config) + check_backbones(config)
     findings += check_disk(config, surveys, Path(results))
     slurm = profile is not None and Path(profile).name.startswith("slurm")
     if slurm:

@@ -44,7 +44,6 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
-from tqdm import tqdm
 
 from cellflow.data import load_split
 from cellflow.diffusion import NoiseSchedule, UNetArchitecture, build_unet
@@ -383,7 +382,9 @@ def generate_latent(job: GenerationJob, kind: Kind,
         "method": kind, "settings": {key: value for key, value in sorted(settings.items())
                                      if key != "per_class"},
         "schedule": asdict(job.schedule), "seed": job.seed,
-        "models": folder_digest(model_dir, vae_dir)}, job.sharding)
+        "models": folder_digest(model_dir, vae_dir)}, job.sharding,
+        total=len(job.dataset.classes) * -(-settings["per_class"] // settings["batch_size"]),
+        desc=f"{kind} batches")
     per_class, batch_size = settings["per_class"], settings["batch_size"]
     rows: list[dict[str, Any]] = []
     evaluations = calls = 0
@@ -397,7 +398,7 @@ def generate_latent(job: GenerationJob, kind: Kind,
 
     with staged_directory(job.out_dir) as staging:
         for label, name in enumerate(job.dataset.classes):
-            for first in tqdm(range(0, per_class, batch_size), desc=f"{kind} {name}"):
+            for first in range(0, per_class, batch_size):
                 count = min(batch_size, per_class - first)
                 generator = torch.Generator().manual_seed(
                     int(np.random.SeedSequence([job.seed, label, first]).generate_state(1)[0]))

@@ -42,6 +42,7 @@ from cellflow.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from cellflow.logs import note
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,9 @@ def train_model(
         accelerator.wait_for_everyone()
     progress.close()
     log_table = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+    if len(log_table):
+        note("steps", int(log_table["step"].iloc[-1]))
+        note("final loss", float(log_table["loss"].iloc[-1]))
     return TrainResult(accelerator.unwrap_model(model), ema.module, log_table, start,
                        time.perf_counter() - started, accelerator.is_main_process)
 

@@ -276,3 +276,29 @@ def test_a_pool_leaves_out_the_configured_datasets_by_default():
                                           "unlabelled pool"):
         validate_config(config)
 
+
+
+def test_environment_problems_name_the_key_and_spare_what_the_run_fits(tmp_path):
+    from cellflow.config import environment_problems
+
+    assert environment_problems(load_config(DEMO)) == []
+    raw = demo()
+    raw["datasets"]["pool"] = {"kind": "cpia", "root": str(tmp_path), "resolution": 32}
+    raw["datasets"]["synthetic"]["pretrained"] = {
+        "autoencoder": {"path": "results/pool/models/autoencoder"},  # fitted by this run
+        "diffusion": {"path": str(tmp_path / "missing")}}
+    problems = environment_problems(validate_config(raw), backbones=False)
+    assert problems == [f"datasets.synthetic.pretrained.diffusion.path: {tmp_path / 'missing'} "
+                        "not found"]
+
+
+def test_config_files_merge_key_by_key_as_snakemake_merges_them(tmp_path):
+    from cellflow.config import load_configs
+
+    override = tmp_path / "override.yaml"
+    override.write_text("bridge: { frames: 4 }\ndownstream: { seeds: [5] }\n")
+    config = load_configs([DEMO, override])
+    assert config["bridge"]["frames"] == 4
+    assert config["bridge"]["inversion_steps"] == demo()["bridge"]["inversion_steps"]
+    assert config["downstream"]["seeds"] == [5]  # a list is replaced, not appended to
+    assert config["benchmark"] == "demo"  # the files' own name wins over the file name

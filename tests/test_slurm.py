@@ -76,7 +76,7 @@ def start_runs(folder: Callable[[str], Path]) -> dict[str, ClusterRun]:
     return {
         # one thread a job: it runs beside the rest of the suite on the same CPUs
         "data_stage": ClusterRun(data_stage, [
-            "results/synthetic/models/diffusion", "-s", str(REPO / "Snakefile"),
+            "results/synthetic/models/diffusion", "-s", str(REPO / "workflow" / "Snakefile"),
             "--set-threads", "prepare_data=1", "train_diffusion=1",
             "--configfile", str(data_stage / "tiny.yaml")]),
         "retries": ClusterRun(retries, [
@@ -203,7 +203,7 @@ def test_a_retry_grows_only_what_the_failure_needs_in_the_documented_partition(c
 def test_paper_jobs_request_gpus_only_where_networks_run(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [str(BIN / "snakemake"), "-n", "-s", str(REPO / "Snakefile"), "--directory",
+        [str(BIN / "snakemake"), "-n", "-s", str(REPO / "workflow" / "Snakefile"), "--directory",
          str(tmp_path), "--configfile", str(REPO / "config" / "paper.yaml"),
          "--config", "only_datasets=[mhist]"],
         capture_output=True, text=True, env=env, timeout=300)
@@ -236,9 +236,9 @@ def test_a_two_gpu_training_asks_for_one_node_two_gpus_and_one_launch(tmp_path):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(
-        [str(BIN / "snakemake"), "-n", "-p", "-s", str(REPO / "Snakefile"), "--directory",
-         str(tmp_path), "--configfile", str(path), "--config", "only_datasets=[mhist]",
-         "--until", "train_diffusion"],
+        [str(BIN / "snakemake"), "-n", "-p", "-s", str(REPO / "workflow" / "Snakefile"),
+         "--directory", str(tmp_path), "--configfile", str(path), "--config",
+         "only_datasets=[mhist]", "--until", "train_diffusion"],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
     block = result.stdout.split("rule train_diffusion:", 1)[1].split("\n\n", 1)[0]

@@ -19,7 +19,7 @@ BIN = Path(sys.executable).parent
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [str(BIN / "snakemake"), "--snakefile", str(REPO / "Snakefile"),
+    command = [str(BIN / "snakemake"), "--snakefile", str(REPO / "workflow" / "Snakefile"),
                "--directory", str(workdir), *args]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -199,7 +199,7 @@ def test_every_rule_declares_log_benchmark_threads_and_resources():
 
     with SnakemakeApi() as api:
         workflow_api = api.workflow(
-            snakefile=REPO / "Snakefile", workdir=REPO,
+            snakefile=REPO / "workflow" / "Snakefile", workdir=REPO,
             resource_settings=ResourceSettings(),
             config_settings=ConfigSettings(configfiles=[REPO / "config" / "config.yaml"]),
         )
@@ -217,7 +217,7 @@ def test_lint_and_format_are_clean():
     result = snakemake(REPO, "--lint", check=False)
     assert result.returncode == 0 and "Lints for" not in result.stdout + result.stderr, (
         result.stdout + result.stderr)
-    fmt = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
+    fmt = subprocess.run([str(BIN / "snakefmt"), "--check", "workflow"],
                          cwd=REPO, capture_output=True, text=True)
     assert fmt.returncode == 0, fmt.stderr
     ruff = subprocess.run([str(BIN / "ruff"), "check", "cellflow", "tests", "benchmarks"],
@@ -378,14 +378,14 @@ def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_
     for part in ("cellflow", "workflow", "config", "profiles"):
         shutil.copytree(REPO / part, clone / part, symlinks=True, copy_function=shutil.copy,
                         ignore=shutil.ignore_patterns("__pycache__"))
-    for part in ("Snakefile", "environment.yaml", "pyproject.toml"):
+    for part in ("environment.yaml", "pyproject.toml"):
         shutil.copy(REPO / part, clone / part)
     shutil.copytree(workdir / "results", tmp_path / "results")
     for figure in (benchmark / "figures" / "runtimes", figures / "fourier_stairs"):
         for suffix in (".png", ".pdf"):
             (tmp_path / figure.with_suffix(suffix).relative_to(workdir)).unlink()
-    command = [str(BIN / "snakemake"), "--snakefile", str(clone / "Snakefile"), "--directory",
-               str(tmp_path), "figures", "--cores", "2", "--configfile", str(config)]
+    command = [str(BIN / "snakemake"), "--snakefile", str(clone / "workflow" / "Snakefile"),
+               "--directory", str(tmp_path), "figures", "--cores", "2", "--configfile", str(config)]
     redraw = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
     assert redraw.returncode == 0, redraw.stdout + redraw.stderr

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from cellflow.bridge import BridgeConfig, EvaluationCounter
 from cellflow.config import DatasetConfig
@@ -48,12 +47,13 @@ def generate_adm(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[s
     engine = bridge_engine(schedule, config, diffusion_dir, classifier_dir)
     store = BatchStore(work_dir, {"method": "adm", "bridge": asdict(config), "seed": seed,
                                   "models": folder_digest(diffusion_dir, classifier_dir)},
-                       sharding)
+                       sharding, total=len(dataset.classes) * -(-adm["per_class"]
+                                                                // bridge["batch_size"]),
+                       desc="adm batches")
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:
         for label, name in enumerate(dataset.classes):
-            for first in tqdm(range(0, adm["per_class"], bridge["batch_size"]),
-                              desc=f"adm {name}"):
+            for first in range(0, adm["per_class"], bridge["batch_size"]):
                 count = min(bridge["batch_size"], adm["per_class"] - first)
                 generator = torch.Generator().manual_seed(
                     int(np.random.SeedSequence([seed, label, first]).generate_state(1)[0]))

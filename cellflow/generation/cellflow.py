@@ -22,6 +22,7 @@ from cellflow.generation.common import (
     MANIFEST_COLUMNS,
     GenerationJob,
     add_counts,
+    batch_count,
     batch_name,
     bridge_engine,
     counts,
@@ -78,7 +79,10 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
     models = [diffusion_dir, classifier_dir, *([decoder_dir] if decoder_dir else [])]
     store = BatchStore(work_dir, {"method": method, "bridge": asdict(config),
                                   "temperature": engine.temperature,
-                                  "models": folder_digest(*models)}, sharding)
+                                  "models": folder_digest(*models)}, sharding,
+                       total=batch_count(data, transitions_of(dataset),
+                                         bridge["sources_per_transition"], bridge["batch_size"]),
+                       desc=f"{method} batches")
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, stairs_rows, fourier_rows = [], [], []
     counter = EvaluationCounter()
@@ -88,7 +92,7 @@ def generate_cellflow(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: d
             strip_sources, strip_frames, strip_stairs = [], [], []
             for index, (batch, images, source_labels, target_labels) in enumerate(source_batches(
                     data, data_manifest.parent, transition, bridge["sources_per_transition"],
-                    bridge["batch_size"], label_of, method)):
+                    bridge["batch_size"], label_of)):
                 result = store.get_or_compute(
                     batch_name(transition, index, batch),
                     partial(_trajectory_arrays, engine, images, source_labels, target_labels))

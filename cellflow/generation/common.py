@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import UNet2DModel
-from tqdm import tqdm
 
 from cellflow.bridge import BridgeConfig, EvaluationCounter, StairBridge
 from cellflow.classifier import NoiseAwareClassifier, clean_logits, fit_temperature
@@ -108,15 +107,21 @@ def calibrate_temperature(classifier: NoiseAwareClassifier, images: pd.DataFrame
 
 
 def source_batches(data: pd.DataFrame, root: Path, transition: Transition, count: int,
-                    batch_size: int, label_of: dict[str, int], method: str
+                    batch_size: int, label_of: dict[str, int]
                     ) -> Iterator[tuple[pd.DataFrame, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batches of source images of one transition, with their source and target labels."""
     sources = pick_sources(data, transition.source, count)
-    for batch in tqdm(list(batches(sources, batch_size)),
-                      desc=f"{method} {transition.source}->{transition.target}"):
+    for batch in batches(sources, batch_size):
         yield (batch, read_images(root, batch["path"]),
                torch.full((len(batch),), label_of[transition.source]),
                torch.full((len(batch),), label_of[transition.target]))
+
+
+def batch_count(data: pd.DataFrame, transitions: Sequence[Transition], count: int,
+                batch_size: int) -> int:
+    """How many batches source_batches yields over ``transitions``: a job's progress total."""
+    return sum(-(-len(pick_sources(data, transition.source, count)) // batch_size)
+               for transition in transitions)
 
 
 def pick_sources(manifest: pd.DataFrame, source_class: str, count: int) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from cellflow.generation.common import (
     MANIFEST_COLUMNS,
     GenerationJob,
     add_counts,
+    batch_count,
     batch_name,
     bridge_engine,
     image_arrays,
@@ -46,16 +47,19 @@ def generate_ddib(dataset: DatasetConfig, schedule: NoiseSchedule, bridge: dict[
     config = BridgeConfig.from_dict(bridge)
     engine = bridge_engine(schedule, config, diffusion_dir, None, decoder_dir=decoder_dir)
     models = [diffusion_dir, *([decoder_dir] if decoder_dir else [])]
-    store = BatchStore(work_dir, {"method": "ddib", "bridge": asdict(config),
-                                  "models": folder_digest(*models)}, sharding)
     data = pd.read_csv(data_manifest, sep="\t", keep_default_na=False)
+    store = BatchStore(work_dir, {"method": "ddib", "bridge": asdict(config),
+                                  "models": folder_digest(*models)}, sharding,
+                       total=batch_count(data, transitions_of(dataset),
+                                         ddib["sources_per_transition"], bridge["batch_size"]),
+                       desc="ddib batches")
     label_of = {name: index for index, name in enumerate(dataset.classes)}
     rows, counter, started = [], EvaluationCounter(), time.perf_counter()
     with staged_directory(out_dir) as staging:
         for transition in transitions_of(dataset):
             for index, (batch, images, source_labels, target_labels) in enumerate(source_batches(
                     data, data_manifest.parent, transition, ddib["sources_per_transition"],
-                    bridge["batch_size"], label_of, "ddib")):
+                    bridge["batch_size"], label_of)):
                 result = store.get_or_compute(
                     batch_name(transition, index, batch),
                     partial(image_arrays, engine.ddib, images, source_labels, target_labels))

@@ -9,21 +9,25 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 
 def _cellflow_package():
     """Where this workflow's `cellflow` package is, and put it first for this process and
     every job (venv, --sdm conda, a cluster node), so code and workflow never come from two
     versions. A workflow on disk (a clone, a module or snakedeploy deployment given a path)
-    uses the package beside it; one sourced remotely (github(...), git+file:) has none on
-    disk and needs an installed cellflow of its own version."""
+    uses the package beside it; one sourced from a hosting service or a git repository
+    has none on disk and needs an installed cellflow of its own version."""
     rules = workflow.current_basedir
-    source_root = os.path.normpath(os.path.join(rules.get_path_or_uri(secret_free=True), "..", ".."))
+    source_root = os.path.normpath(
+        os.path.join(rules.get_path_or_uri(secret_free=True), "..", "..")
+    )
     if os.path.isfile(os.path.join(source_root, "cellflow", "__init__.py")):
         sys.path.insert(0, source_root)
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [source_root, os.environ.get("PYTHONPATH")])
+        os.environ.update(
+            PYTHONPATH=os.pathsep.join(
+                filter(None, [source_root, os.environ.get("PYTHONPATH")])
+            )
         )
         return
     with workflow.sourcecache.open(rules.join("../../cellflow/__init__.py")) as init:
@@ -51,12 +55,14 @@ from cellflow.config import (
     dataset_configs,
     default_benchmark_name,
     feature_network_run,
+    typed_overrides,
     validate_config,
 )
 from cellflow.datasets import KINDS as DATASET_KINDS
 from cellflow.generation import LATENT_MODELS
 from cellflow.generation import methods_of
 from cellflow.generation import job_settings as generation_job_settings
+from cellflow.io import write_text
 from cellflow.keep import back_up, discard, restore_missing
 from cellflow.report import missing_front_page_message
 
@@ -66,6 +72,8 @@ CONFIG_FILES = [str(path) for path in workflow.configfiles]
 _config_sources = CONFIG_FILES + (
     ["--config"] if workflow.config_settings.config else []
 )
+# A nested --config value comes as strings (Snakemake reads it with YAML's base loader)
+update_config(config, typed_overrides(workflow.config_settings.config or {}))
 config.update(validate_config(config, source=" + ".join(_config_sources)))
 config.setdefault("benchmark", default_benchmark_name(workflow.configfiles))
 
@@ -155,6 +163,44 @@ def canonical(value):
 
 def without_resources(section, keep=()):
     return {k: v for k, v in section.items() if k not in RESOURCE_KEYS or k in keep}
+
+
+def job_file(wildcards, kind, suffix, text):
+    """`text` as a file under the job's log folder (logs/{dataset}/specs/, or the benchmark's
+    for a cross-dataset job) that the command names instead of carrying it, so that a printed
+    command stays one short line. Named by its content, the path changes exactly when the
+    text does (Snakemake's params trigger), and a plan writes each file once."""
+    if hasattr(wildcards, "dataset"):
+        folder = f"logs/{wildcards.dataset}/specs"
+    else:
+        folder = f"logs/benchmarks/{config['benchmark']}/specs"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = f"{folder}/{kind}-{digest}{suffix}"
+    if not os.path.exists(path):
+        write_text(path, text)
+    return path
+
+
+def spec_file(make_spec):
+    """The job's settings, `make_spec`'s JSON, as a file: `--spec <path>`."""
+    kind = make_spec.__name__.removesuffix("_spec")
+    return lambda wildcards: job_file(
+        wildcards, kind, ".json", make_spec(wildcards) + "\n"
+    )
+
+
+def listed(name=None):
+    """The files of input `name` (None: every input) as an argument file, `@<path>`, one file
+    a line, that the cellflow command expands in place (argparse's fromfile_prefix_chars):
+    a job that reads a file per dataset, seed or method still prints one short command.
+    """
+
+    def argument(wildcards, input):
+        files = getattr(input, name) if name else input
+        text = "".join(f"{path}\n" for path in files)
+        return f"@{job_file(wildcards, name or 'inputs', '.txt', text)}"
+
+    return argument
 
 
 def data_spec(wildcards):
@@ -595,6 +641,7 @@ def training_spec(model):
             sort_keys=True,
         )
 
+    spec.__name__ = f"{model}_training_spec"
     return spec
 
 

@@ -18,7 +18,7 @@ rule synthesize_dataset:
     resources:
         **cluster_limits(mem_mb=1000, runtime=30),
     params:
-        spec=data_spec,
+        spec=spec_file(data_spec),
     shell:
         "python -m cellflow.cli data synthesize --spec {params.spec:q}"
         " --out {output.ground_truth} --threads {threads} --log {log}"
@@ -60,7 +60,7 @@ rule prepare_data:
     resources:
         **cluster_limits(mem_mb=4000, runtime=60),
     params:
-        spec=data_spec,
+        spec=spec_file(data_spec),
         raw_root=raw_root,
         # a folder dataset's file listing: added or changed images prepare it again
         listing=raw_listing,

@@ -21,7 +21,7 @@ rule train_downstream:
         ),
         gpu=config["downstream"]["train"]["gpus"],
     params:
-        spec=downstream_spec,
+        spec=spec_file(downstream_spec),
         generated=downstream_generated_argument,
         folder=run_folder,
         # The per-epoch checkpoint lives outside the outputs, which a failed job loses.
@@ -55,9 +55,11 @@ rule summarize_downstream:
     threads: 1
     resources:
         **cluster_limits(mem_mb=1000, runtime=10),
+    params:
+        inputs=listed(),
     shell:
         "python -m cellflow.cli downstream summarize --dataset {wildcards.dataset}"
-        " --inputs {input} --out {output.summary} --log {log}"
+        " --inputs {params.inputs} --out {output.summary} --log {log}"
 
 
 rule benchmark_table:
@@ -80,5 +82,7 @@ rule benchmark_table:
     threads: 1
     resources:
         **cluster_limits(mem_mb=1000, runtime=10),
+    params:
+        inputs=listed(),
     shell:
-        "python -m cellflow.cli downstream benchmark --inputs {input} --out {output} --log {log}"
+        "python -m cellflow.cli downstream benchmark --inputs {params.inputs} --out {output} --log {log}"

@@ -19,7 +19,7 @@ rule measure_cellularity:
     resources:
         **cluster_limits(mem_mb=4000, runtime=config["evaluation"]["runtime_minutes"]),
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
         generated=generated_argument,
         shards=cellularity_shard_arguments,
     shell:
@@ -44,7 +44,7 @@ rule validate_cellularity:
     resources:
         **cluster_limits(mem_mb=4000, runtime=config["evaluation"]["runtime_minutes"]),
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
     shell:
         "python -m cellflow.cli evaluate validate-cellularity --spec {params.spec:q}"
         " --manifest {input.manifest} --out {output.table} --threads {threads} --log {log}"
@@ -69,7 +69,7 @@ rule fidelity:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
         generated=generated_argument,
     shell:
         "python -m cellflow.cli evaluate fidelity --spec {params.spec:q}"
@@ -100,7 +100,7 @@ rule evaluate_shard:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
         generated=generated_argument,
         work=EVALUATION_WORK,
     shell:
@@ -132,7 +132,7 @@ rule analyse_trajectories:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
         folder=lambda wildcards, output: os.path.dirname(output.summary),
     shell:
         "python -m cellflow.cli evaluate trajectories --spec {params.spec:q}"
@@ -160,7 +160,7 @@ rule temporal_coherence:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
     shell:
         "python -m cellflow.cli evaluate coherence --spec {params.spec:q}"
         " --manifest {input.manifest} --generated {input.trajectories}"
@@ -186,7 +186,7 @@ rule memorization:
         **cluster_limits(mem_mb=8000, runtime=config["evaluation"]["runtime_minutes"]),
         gpu=config["evaluation"]["gpus"],
     params:
-        spec=evaluation_spec,
+        spec=spec_file(evaluation_spec),
         folder=lambda wildcards, output: os.path.dirname(output.neighbours),
     shell:
         "python -m cellflow.cli evaluate memorization --spec {params.spec:q}"

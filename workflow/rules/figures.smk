@@ -36,12 +36,13 @@ rule figure_classification:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        runs=listed("runs"),
         out=stem("png"),
         table=stem("tsv"),
         metric=config["figures"]["metric"],
     shell:
         "python -m cellflow.cli figures classification --inputs {input.benchmark}"
-        " --runs {input.runs} --metric {params.metric}"
+        " --runs {params.runs} --metric {params.metric}"
         " --out {params.out} --table {params.table} --log {log}"
 
 
@@ -73,10 +74,11 @@ rule figure_fidelity:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        inputs=listed(),
         out=stem("png"),
         table=stem("tsv"),
     shell:
-        "python -m cellflow.cli figures fidelity --inputs {input}"
+        "python -m cellflow.cli figures fidelity --inputs {params.inputs}"
         " --out {params.out} --table {params.table} --log {log}"
 
 
@@ -110,11 +112,14 @@ rule figure_trajectories:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        summaries=listed("summaries"),
+        coherence=listed("coherence"),
+        fidelity=listed("fidelity"),
         out=stem("png"),
         table=stem("tsv"),
     shell:
-        "python -m cellflow.cli figures trajectories --inputs {input.summaries}"
-        " --coherence {input.coherence} --fidelity {input.fidelity}"
+        "python -m cellflow.cli figures trajectories --inputs {params.summaries}"
+        " --coherence {params.coherence} --fidelity {params.fidelity}"
         " --out {params.out} --table {params.table} --log {log}"
 
 
@@ -142,12 +147,13 @@ rule figure_runtimes:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        inputs=listed(),
         out=stem("png"),
         table=stem("tsv"),
         # where the provenance records of the benchmarked jobs lie
         trees=[f"results/{dataset}" for dataset in [*DATASETS, *LEFT_OUT_DATASETS]],
     shell:
-        "python -m cellflow.cli figures runtimes --inputs {input}"
+        "python -m cellflow.cli figures runtimes --inputs {params.inputs}"
         " --provenance {params.trees} --out {params.out} --table {params.table} --log {log}"
 
 
@@ -177,10 +183,11 @@ rule figure_training_curves:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        downstream=listed("downstream"),
         out=stem("png"),
     shell:
         "python -m cellflow.cli figures training --diffusion {input.diffusion}"
-        " --classifier {input.classifier} --inputs {input.downstream}"
+        " --classifier {input.classifier} --inputs {params.downstream}"
         " --title {wildcards.dataset:q} --out {params.out} --log {log}"
 
 
@@ -328,12 +335,14 @@ rule figure_side_by_side:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        generated=listed("generated"),
+        fidelity=listed("fidelity"),
         out=stem("png"),
         per_method=config["figures"]["images_per_method"],
         classes=lambda wildcards: ",".join(DATASETS[wildcards.dataset].classes),
     shell:
         "python -m cellflow.cli figures side-by-side --manifest {input.manifest}"
-        " --inputs {input.generated} --fidelity {input.fidelity} --classes {params.classes}"
+        " --inputs {params.generated} --fidelity {params.fidelity} --classes {params.classes}"
         " --per-method {params.per_method} --title {wildcards.dataset:q}"
         " --out {params.out} --log {log}"
 
@@ -406,10 +415,11 @@ rule figure_memorization:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        inputs=listed(),
         out=stem("png"),
         table=stem("tsv"),
     shell:
-        "python -m cellflow.cli figures memorization --inputs {input}"
+        "python -m cellflow.cli figures memorization --inputs {params.inputs}"
         " --title {wildcards.dataset:q} --out {params.out} --table {params.table} --log {log}"
 
 
@@ -480,12 +490,16 @@ rule front_page:
     resources:
         **cluster_limits(mem_mb=2000, runtime=10),
     params:
+        tables=listed("tables"),
+        figures=listed("figures"),
+        side_by_side=listed("side_by_side"),
+        memorization=listed("memorization"),
         benchmark=config["benchmark"],
         config_files=",".join(CONFIG_FILES),
     shell:
-        "python -m cellflow.cli figures front-page --inputs {input.tables}"
-        " --figures {input.figures} --side-by-side {input.side_by_side}"
-        " --dataset-tables {input.memorization}"
+        "python -m cellflow.cli figures front-page --inputs {params.tables}"
+        " --figures {params.figures} --side-by-side {params.side_by_side}"
+        " --dataset-tables {params.memorization}"
         " --title {params.benchmark:q} --configs {params.config_files:q}"
         " --out {output.page} --table {output.flags} --log {log}"
 

@@ -33,7 +33,7 @@ rule generate:
         **cluster_limits(mem_mb=8000, runtime=config["bridge"]["runtime_minutes"]),
         gpu=generation_gpus,
     params:
-        spec=generation_spec,
+        spec=spec_file(generation_spec),
         models=generation_model_arguments,
         work="results/{dataset}/checkpoints/{method}",
         gather=gather_arguments,
@@ -64,7 +64,7 @@ rule generate_shard:
         **cluster_limits(mem_mb=8000, runtime=config["bridge"]["runtime_minutes"]),
         gpu=config["bridge"]["gpus"],
     params:
-        spec=generation_spec,
+        spec=spec_file(generation_spec),
         models=generation_model_arguments,
         work="results/{dataset}/checkpoints/{method}",
     shell:

@@ -40,7 +40,7 @@ rule train_diffusion:
         gpu=config["diffusion"]["train"]["gpus"],
         nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
-        spec=training_spec("diffusion"),
+        spec=spec_file(training_spec("diffusion")),
         launcher=python_launcher("diffusion"),
         checkpoints="results/{dataset}/checkpoints/diffusion",
     shell:
@@ -77,7 +77,7 @@ rule train_classifier:
         gpu=config["classifier"]["train"]["gpus"],
         nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
-        spec=training_spec("classifier"),
+        spec=spec_file(training_spec("classifier")),
         launcher=python_launcher("classifier"),
         checkpoints="results/{dataset}/checkpoints/classifier",
     shell:
@@ -114,7 +114,7 @@ rule train_autoencoder:
         gpu=config["autoencoder"]["train"]["gpus"],
         nodes=1,  # accelerate starts its processes in the one task of a single node
     params:
-        spec=training_spec("autoencoder"),
+        spec=spec_file(training_spec("autoencoder")),
         launcher=python_launcher("autoencoder"),
         checkpoints="results/{dataset}/checkpoints/autoencoder",
     shell:
@@ -149,7 +149,7 @@ rule train_latent:
         gpu=latent_gpus,
         nodes=1,
     params:
-        spec=latent_training_spec,
+        spec=spec_file(latent_training_spec),
         launcher=latent_launcher,
         checkpoints="results/{dataset}/checkpoints/{model}",
     shell:
@@ -176,7 +176,7 @@ rule use_pretrained:
         **cluster_limits(mem_mb=8000, runtime=60),
         gpu=config["bridge"]["gpus"],
     params:
-        spec=pretrained_spec,
+        spec=spec_file(pretrained_spec),
     shell:
         "python -m cellflow.cli use-pretrained --spec {params.spec:q}"
         " --manifest {input.manifest} --out {output.model} --threads {threads} --log {log} --gpus {resources.gpu}"

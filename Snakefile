@@ -1,4 +1,0 @@
-# `snakemake` in a clone runs the workflow, whose entry point is workflow/Snakefile.
-
-
-include: "workflow/Snakefile"
