@@ -27,8 +27,8 @@ format: setup
 	ruff check --fix cellflow tests benchmarks
 	snakefmt workflow
 
-dag: setup  ## redraw the rule graph in the README (needs graphviz's dot)
-	snakemake --rulegraph | dot -Tsvg > docs/rulegraph.svg
+dag: setup  ## print the rule graph as Mermaid (the README's picture of the workflow)
+	@snakemake --rulegraph mermaid-js 2>/dev/null
 
 clean:  ## remove outputs of the pipeline (not the environment)
 	rm -rf results logs .snakemake

@@ -103,7 +103,7 @@ class DatasetConfig:
     classes: tuple[str, ...]
     transitions: tuple[Transition, ...]
     split: SplitConfig
-    synthetic: SyntheticConfig
+    synthetic: SyntheticConfig | None = None  # the generator's settings: kind synthetic only
     root: Path | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # the kind's reader settings
 
@@ -117,7 +117,7 @@ class DatasetConfig:
             classes=tuple(raw.get("classes", ())),
             transitions=tuple(Transition(**pair) for pair in raw["transitions"]),
             split=SplitConfig.from_dict(raw["split"]),
-            synthetic=SyntheticConfig(**raw["synthetic"]),
+            synthetic=SyntheticConfig(**raw["synthetic"]) if "synthetic" in raw else None,
             root=Path(raw["root"]) if raw.get("root") else None,
             options=dict(raw.get("options", {})),
         )
@@ -508,8 +508,9 @@ def typed_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
 
     Snakemake reads a nested ``--config 'bridge={"runtime_minutes": 30}'`` with YAML's base
     loader, which keeps every scalar a string; a string where the schema allows no string
-    is read as YAML (``"30"`` -> 30, ``"true"`` -> True, ``"null"`` -> None) and kept when
-    it then has a type the schema allows. Class names and other strings stay strings.
+    is read as YAML (``"30"`` -> 30, ``"true"`` -> True) and kept when it then has a type
+    the schema allows; ``null`` is None wherever null is allowed. Class names and other
+    strings stay strings.
     """
     schema = load_schema()
     return _typed(dict(overrides), schema, schema)
@@ -543,12 +544,14 @@ def _typed(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> An
     if not isinstance(value, str):
         return value
     types = _allowed_types(schema, root)
-    if not types or "string" in types:
+    if not types:
         return value
     try:
         parsed = yaml.safe_load(value)
     except yaml.YAMLError:
         return value
+    if "string" in types:  # a string stays one, but for the null of a "string or null" key
+        return None if parsed is None and "null" in types else value
     wanted = tuple(_JSON_TYPES[kind] for kind in types if kind in _JSON_TYPES)
     # bool is an int to Python: a "true" is a boolean only where the schema has one
     if isinstance(parsed, bool) and "boolean" not in types:

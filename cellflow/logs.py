@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partialmethod
 from pathlib import Path
 
 PLAIN_PROGRESS = ("{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%), {elapsed} elapsed, "
@@ -66,9 +67,16 @@ def log_to_file(log_path: str | Path) -> None:
     """Send logging and stderr (tracebacks, progress bars) to the rule's log file, and a copy
     to the attempt's own file (see attempt_log_path)."""
     # A progress bar redrawn several times a second would fill a log file; every 15 s is
-    # enough, as a plain line with the count, the rate and the time left.
+    # enough, as a plain line with the count, the rate and the time left. tqdm reads its
+    # TQDM_* variables when it is imported: the variables are for the job's child processes,
+    # the partial method for this one.
     os.environ.setdefault("TQDM_MININTERVAL", "15")
     os.environ.setdefault("TQDM_BAR_FORMAT", PLAIN_PROGRESS)
+    from tqdm import tqdm
+
+    tqdm.__init__ = partialmethod(tqdm.__init__,
+                                  mininterval=float(os.environ["TQDM_MININTERVAL"]),
+                                  bar_format=os.environ["TQDM_BAR_FORMAT"])
     log_path = Path(log_path)
     attempt_path = attempt_log_path(log_path)
     attempt_path.parent.mkdir(parents=True, exist_ok=True)

@@ -335,8 +335,6 @@ def new_dataset_config(name: str, root: str | Path, kind: str = "folder", preset
     _check_resolution(raw, resolution, preset)
     config = validate_config(raw, source=f"the config of dataset {name}")
     dataset = config["datasets"][name]
-    if kind != "synthetic":
-        del dataset["synthetic"]  # the generator's settings; only the synthetic kind reads them
     if not dataset["options"] and not _kind_options_schema(kind).get("properties"):
         del dataset["options"]
     ordered = schema_ordered(config)

@@ -302,3 +302,25 @@ def test_config_files_merge_key_by_key_as_snakemake_merges_them(tmp_path):
     assert config["bridge"]["inversion_steps"] == demo()["bridge"]["inversion_steps"]
     assert config["downstream"]["seeds"] == [5]  # a list is replaced, not appended to
     assert config["benchmark"] == "demo"  # the files' own name wins over the file name
+
+
+def test_nested_command_line_values_get_the_types_of_the_schema():
+    from cellflow.config import typed_overrides
+
+    # what Snakemake's --config 'bridge={...}' hands over: every scalar a string
+    given = {"bridge": {"runtime_minutes": "30", "classifier_scale": "1.5",
+                        "decode_start": "faithful"},
+             "downstream": {"seeds": ["0", "1"], "train": {"mixed_precision": "bf16"}},
+             "evaluation": {"inception_weights": "null"},
+             "datasets": {"prcc": {"classes": ["1", "2"], "resolution": "256"}},
+             "diffusion": {"train": {"augment": "false"}}}
+    typed = typed_overrides(given)
+    assert typed["bridge"] == {"runtime_minutes": 30, "classifier_scale": 1.5,
+                               "decode_start": "faithful"}
+    assert typed["downstream"]["seeds"] == [0, 1]
+    assert typed["evaluation"]["inception_weights"] is None
+    assert typed["datasets"]["prcc"] == {"classes": ["1", "2"], "resolution": 256}
+    assert typed["diffusion"]["train"]["augment"] is False
+    # a value that is no number stays as given, for the validation to name
+    assert typed_overrides({"seed": "seven"}) == {"seed": "seven"}
+    assert typed_overrides({"bridge": {"frames": "true"}}) == {"bridge": {"frames": "true"}}

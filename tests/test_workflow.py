@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -39,71 +39,52 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def tiny_demo_config(tmp_path: Path) -> Path:
-    """The demo config with fewer images and a few training steps: the wiring, not the science."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config["benchmark"] = "tiny"
-    config["datasets"]["synthetic"]["synthetic"]["images_per_class"] = 8
-    for model in ("diffusion", "classifier"):
-        config[model]["train"].update(steps=3, checkpoint_every=2, batch_size=4)
-    config["diffusion"]["samples"] = {"per_class": 1, "ddim_steps": 2}
-    config["classifier"]["eval"] = {"bands": 2, "noise_draws": 1}
-    config["bridge"].update(inversion_steps=10, frames=2, sources_per_transition=2)
-    config["baselines"] = {"adm": {"per_class": 1}}
-    # every rule runs, and every kind of method flows through every stage: trajectories,
-    # class samples, a latent baseline at toy size (DiT; the LDM shares its code,
-    # tests/test_latent) and an external generator's images. DDIB's translations and the
-    # classifier-free bridge run through the same rules (tests/test_bridge, tests/test_cfg);
-    # the null class is trained here all the same.
-    config["diffusion"]["label_dropout"] = 0.2
-    config["generation"] = {
-        "methods": ["cellflow", "adm", "dit", "elsewhere"],
-        "external": {"elsewhere": {"root": str(external_images(tmp_path, config))}}}
-    short = {"steps": 3, "checkpoint_every": 2, "batch_size": 4}
-    config["autoencoder"] = {"model": {"factor": 4, "latent_channels": 3,
-                                       "block_out_channels": [16, 32, 32],
-                                       "layers_per_block": 1},
-                             "train": short, "eval": {"reconstructions": 2}}
-    config["dit"] = {"model": {"size": "tiny", "patch_size": 2}, "train": short,
-                     "samples": {"per_class": 1, "ddim_steps": 2}}
-    config["baselines"]["dit"] = {"per_class": 1, "ddim_steps": 2}
-    # a built-in generative strategy and an external one (their images are read alike)
-    config["downstream"].update(strategies={"none": {}, "cellflow": {}, "elsewhere": {}},
-                                seeds=[0])
-    config["downstream"]["train"].update(epochs=1, batch_size=8)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def external_images(tmp_path: Path, config: dict) -> Path:
-    """Two images of every class at the dataset's resolution, as another generator's output."""
-    from PIL import Image
-
-    dataset = config["datasets"]["synthetic"]
-    root = tmp_path / "external"
-    rng = np.random.default_rng(0)
-    for name in dataset["classes"]:
-        folder = root / "synthetic" / name
-        folder.mkdir(parents=True)
-        for index in range(2):
-            pixels = rng.integers(0, 256, (dataset["resolution"],) * 2 + (3,), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{index}.png")
-    return root
-
-
 def test_dry_run_of_the_demo_config(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"))
     assert "synthesize_dataset" in result.stdout and "prepare_data" in result.stdout
 
 
+PRINTED_COMMAND_LIMIT = 600  # characters: one line of a wide terminal, or two
+
+
 def test_dry_run_of_the_paper_config_names_missing_roots(tmp_path):
-    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "paper.yaml"))
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "config" / "paper.yaml"))
     log = result.stdout + result.stderr
     assert "dataset 'mhist': data root data/mhist does not exist yet" in log
     assert "results/synthetic" not in log, "the demo dataset must not leak into the paper run"
     counts = job_counts(result.stdout)
     assert counts["prepare_data"] == counts["train_diffusion"] == 7
+    # every command is short: settings and long file lists are files the command names
+    commands = [line.split("Shell command:", 1)[1].strip() for line in log.splitlines()
+                if "Shell command:" in line]
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    assert len(commands) > counts["train_downstream"]
+    longest = max(commands, key=len)
+    assert len(longest) <= PRINTED_COMMAND_LIMIT, longest
+    for command in commands:
+        for spec in re.findall(r"--spec (\S+)", command):
+            # logs/<dataset>/specs/<kind>-<digest>.json: that dataset's settings
+            configured = paper["datasets"][spec.split("/")[1]]
+            dataset = json.loads((tmp_path / spec).read_text())["dataset"]
+            assert (dataset["kind"], dataset["classes"], dataset["resolution"]) == (
+                configured["kind"], configured["classes"], configured["resolution"]), spec
+        for listed in re.findall(r" @(\S+)", command):
+            files = (tmp_path / listed).read_text().splitlines()
+            assert files and all(name.startswith("results/") for name in files), listed
+    summarize = next(c for c in commands if "downstream summarize --dataset mhist" in c)
+    listed = re.search(r"--inputs @(\S+)", summarize).group(1)
+    runs = counts["train_downstream"] // counts["summarize_downstream"]
+    assert len((tmp_path / listed).read_text().splitlines()) == runs
+
+
+def test_nested_command_line_settings_keep_their_types(tmp_path):
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"),
+                       "--config", 'bridge={"runtime_minutes": 30, "classifier_scale": 1.5}')
+    assert "generate" in job_counts(result.stdout)
+    typo = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"),
+                     "--config", 'bridge={"frames": "many"}', check=False)
+    assert typo.returncode != 0
+    assert "bridge.frames: 'many' is not of type 'integer'" in typo.stdout + typo.stderr
 
 
 def job_inputs(dry_run: str, rule: str) -> list[str]:
@@ -226,12 +207,10 @@ def test_lint_and_format_are_clean():
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory) -> tuple[Path, Path]:
-    """The tiny demo run once for this module: (working directory, config file)."""
-    workdir = tmp_path_factory.mktemp("demo")
-    config = tiny_demo_config(workdir)
-    snakemake(workdir, "--cores", "2", "--configfile", str(config))
-    return workdir, config
+def demo_run(deployed_test_run) -> tuple[Path, Path]:
+    """The tiny demo (the .test config), run once through a deployment of the workflow
+    (tests/conftest.py): (working directory, config file)."""
+    return deployed_test_run.folder, deployed_test_run.config
 
 
 @pytest.mark.slow
@@ -357,6 +336,24 @@ DATASET_FIGURES = ["training_curves", "trajectory_strips", "cellularity_curves",
                    "per_class", "closest_pairs/cellflow", "closest_pairs/adm"]
 
 
+# Python started with this on its path cannot import what figures.yaml leaves out.
+FIGURES_ENVIRONMENT_ONLY = """
+import sys
+
+LEFT_OUT = {"torch", "torchvision", "timm", "diffusers", "accelerate", "safetensors",
+            "torchmetrics", "torch_fidelity", "skimage", "sklearn"}
+
+
+class LeftOut:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in LEFT_OUT:
+            raise ModuleNotFoundError(f"{name} is not in workflow/envs/figures.yaml")
+
+
+sys.meta_path.insert(0, LeftOut())
+"""
+
+
 @pytest.mark.slow
 def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_run, tmp_path):
     workdir, config = demo_run
@@ -386,12 +383,26 @@ def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_
             (tmp_path / figure.with_suffix(suffix).relative_to(workdir)).unlink()
     command = [str(BIN / "snakemake"), "--snakefile", str(clone / "workflow" / "Snakefile"),
                "--directory", str(tmp_path), "figures", "--cores", "2", "--configfile", str(config)]
+    # ... in the environment of workflow/envs/figures.yaml: none of the compute packages
+    blocker = tmp_path / "figures-environment"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(FIGURES_ENVIRONMENT_ONLY)
     redraw = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                 "PYTHONPATH": str(blocker)})
     assert redraw.returncode == 0, redraw.stdout + redraw.stderr
     ran = job_counts(redraw.stdout + redraw.stderr)
     assert set(ran) == {"figure_runtimes", "figure_fourier_stairs", "front_page", "figures"}, ran
     assert (tmp_path / "results" / "synthetic" / "figures" / "fourier_stairs.pdf").is_file()
+    # every table and figure job runs without the compute packages
+    light = [*re.findall(r"^rule (figure_\w+|front_page):", (REPO / "workflow" / "rules" /
+                                                              "figures.smk").read_text(), re.M),
+             "summarize_downstream", "benchmark_table"]
+    again = subprocess.run([*command, "--forcerun", *light], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "PYTHONPATH": str(blocker),
+                                             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert set(light) <= set(job_counts(again.stdout + again.stderr))
 
 
 @pytest.mark.slow
@@ -640,3 +651,15 @@ def test_every_job_leaves_a_complete_provenance_record(demo_run):
     assert {"data prepare", "data synthesize", "train diffusion", "generate cellflow",
             "evaluate fidelity", "figures classification"} <= {r["rule"] for r in read}
     assert all(record["code"]["commit"] for record in read)  # run from this checkout
+
+
+def test_a_run_with_an_unknown_backbone_stops_before_any_job(tmp_path):
+    config = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
+    config["downstream"]["backbones"] = ["resnet10tt"]
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = snakemake(tmp_path, "--cores", "1", "--configfile", str(path), check=False)
+    assert result.returncode != 0
+    assert ("downstream.backbones[0]: unknown timm model 'resnet10tt' (did you mean "
+            "resnet10t?)") in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists()

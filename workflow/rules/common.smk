@@ -52,6 +52,7 @@ def _cellflow_package():
 _cellflow_package()
 
 from cellflow.config import (
+    backbone_problems,
     dataset_configs,
     default_benchmark_name,
     feature_network_run,
@@ -66,7 +67,12 @@ from cellflow.io import write_text
 from cellflow.keep import back_up, discard, restore_missing
 from cellflow.report import missing_front_page_message
 
-CONFIG_FILES = [str(path) for path in workflow.configfiles]
+# Relative to the working directory where inside it: the front page lists them, and the same
+# file named by another path must not rerun it.
+CONFIG_FILES = [
+    str(path) if os.path.relpath(path).startswith("..") else os.path.relpath(path)
+    for path in workflow.configfiles
+]
 # Only settings given with --config count as a source of their own (overwrite_config also
 # holds the config files' contents).
 _config_sources = CONFIG_FILES + (
@@ -841,6 +847,15 @@ def job_benchmarks(wildcards):
 # A rerun's previous good outputs are kept (hard links, outside every declared output) until it
 # has replaced them: the Snakefile's onstart/onerror/onsuccess hooks call these.
 PREVIOUS_OUTPUTS = "results/.previous"
+
+
+def check_backbones():
+    """Stop a run that would train a downstream network of no known timm name before any
+    job starts, instead of failing an hour in (the parse does not import timm)."""
+    if any(job.rule.name == "train_downstream" for job in workflow.dag.needrun_jobs()):
+        problems = list(backbone_problems(config))
+        if problems:
+            raise WorkflowError("\n".join(problems))
 
 
 def keep_previous_outputs():
