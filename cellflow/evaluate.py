@@ -20,6 +20,7 @@ from tqdm import tqdm
 from cellflow import flags
 from cellflow.cellularity import CellularityConfig, measure_images
 from cellflow.data import load_images
+from cellflow.generation import hard_class
 from cellflow.io import read_table
 
 if TYPE_CHECKING:  # the cellularity jobs need neither torch nor the models: they start faster
@@ -32,12 +33,6 @@ log = logging.getLogger(__name__)
 
 MEASURES = ["nuclei_count", "nuclear_area_fraction", "mean_nuclear_area"]
 TRAJECTORY_KEYS = ["source_id", "source_class", "target_class"]
-
-
-def hard_class(manifest: pd.DataFrame) -> pd.Series:
-    """The class a generated image counts as: its target once the target weight reaches 1/2."""
-    return manifest["target_class"].where(manifest["soft_label_weight"] >= 0.5,
-                                          manifest["source_class"])
 
 
 def fidelity_sets(method: str, data_manifest: Path, generated_dir: Path | None

@@ -807,7 +807,7 @@ def _class_cells(generated: GeneratedSet, class_name: str, per_method: int, real
     trajectory into the class (real source first), so that a reader sees each stair next to
     where it started; other methods show their first images of it.
     """
-    from cellflow.evaluate import hard_class
+    from cellflow.generation import hard_class
 
     table = generated.manifest
     if len(table) and int(table["frame_index"].max()) > 1:

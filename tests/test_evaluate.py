@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellflow.evaluate import hard_class, summarise_trajectories, trajectory_frames
+from cellflow.evaluate import summarise_trajectories, trajectory_frames
+from cellflow.generation import hard_class
 
 # Real training means: normal 10 nuclei, neoplastic 30 (area fraction 0.1 and 0.3).
 REAL = pd.DataFrame({

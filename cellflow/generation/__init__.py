@@ -15,10 +15,13 @@ import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-__all__ = ["LATENT_MODELS", "METHODS", "GenerationMethod", "external_method", "job_settings",
-           "method", "methods_of"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["LATENT_MODELS", "METHODS", "GenerationMethod", "external_method", "hard_class",
+           "job_settings", "method", "methods_of"]
 
 # The bridge settings the one-shot baselines use; the rest (stairs, frames, soft labels,
 # classifier scale) are the Cellflow bridge's own.
@@ -160,3 +163,10 @@ def job_settings(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
     if chosen.seeded:
         settings["seed"] = config["seed"]
     return settings
+
+
+def hard_class(manifest: pd.DataFrame) -> pd.Series:
+    """The class a generated image counts as (a manifest's rows): its target once the target
+    weight reaches 1/2, its source before."""
+    return manifest["target_class"].where(manifest["soft_label_weight"] >= 0.5,
+                                          manifest["source_class"])

@@ -75,7 +75,7 @@ CONFIG_FILES = [
 ]
 # Only settings given with --config count as a source of their own (overwrite_config also
 # holds the config files' contents).
-_config_sources = CONFIG_FILES + (
+_config_sources = [str(path) for path in workflow.configfiles] + (
     ["--config"] if workflow.config_settings.config else []
 )
 # A nested --config value comes as strings (Snakemake reads it with YAML's base loader)
