@@ -59,71 +59,27 @@ class Deployment:
     log: str  # what the run printed
 
 
-class DeploymentRun:
-    """The .test config run once, whole, as a user of the catalog runs a workflow: a
-    snakedeploy deployment of the workflow copy, `snakemake --cores 2` in it, in a folder
-    that holds no copy of the package. It starts with the session, beside the other tests
-    (which leave much of the two cores idle), and is waited for by the first test that
-    reads it."""
-
-    def __init__(self, workflow_copy: Path, folder: Path) -> None:
-        run_command([str(BIN / "snakedeploy"), "deploy-workflow", str(workflow_copy),
-                     str(folder), "--branch", "main"], folder.parent)
-        snakefile = folder / "workflow" / "Snakefile"
-        self.deployed_snakefile = snakefile.read_text()
-        # From a local path snakedeploy writes the module's snakefile relative to the
-        # repository, which Snakemake reads relative to the deployed Snakefile; the README
-        # says to make it the clone's own path (from a hosting URL it writes github(...)).
-        snakefile.write_text(self.deployed_snakefile.replace(
-            '"workflow/Snakefile"', f'"{workflow_copy / "workflow" / "Snakefile"}"'))
-        shutil.copy(workflow_copy / ".test" / "config" / "config.yaml",
-                    folder / "config" / "config.yaml")
-        shutil.copytree(workflow_copy / ".test" / "data", folder / "data")
-        self.folder = folder
-        self.output = (folder.parent / "run.log").open("w+")
-        self.process = subprocess.Popen(
-            [str(BIN / "snakemake"), "--cores", "2"], cwd=folder, stdout=self.output,
-            stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
-
-    def result(self) -> Deployment:
-        code = self.process.wait(timeout=1800)
-        self.output.seek(0)
-        log = self.output.read()
-        if code != 0:
-            pytest.fail(f"the deployed .test run failed ({code}):\n{log}")
-        return Deployment(self.folder, self.folder / "config" / "config.yaml",
-                          self.deployed_snakefile, log)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=60)
-        self.output.close()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def deployment_run(request, tmp_path_factory):
-    """Starts the deployment's run with the session when a collected test reads it."""
-    wanted = any("deployed_test_run" in item.fixturenames for item in request.session.items)
-    if not wanted:
-        yield None
-        return
-    try:
-        run = DeploymentRun(request.getfixturevalue("workflow_copy"),
-                            tmp_path_factory.mktemp("deployment") / "tiny")
-    except (Exception, pytest.fail.Exception) as err:
-        yield err  # a failed deployment fails the tests that read it, not every test
-        return
-    yield run
-    run.stop()
-
-
 @pytest.fixture(scope="session")
-def deployed_test_run(deployment_run) -> Deployment:
-    if isinstance(deployment_run, BaseException):
-        raise deployment_run
-    return deployment_run.result()
+def deployed_test_run(workflow_copy, tmp_path_factory) -> Deployment:
+    """The .test config run once, whole, as a user of the catalog runs a workflow: a
+    snakedeploy deployment of the workflow copy, `snakemake --cores 2` in it. The folder
+    holds no copy of the package."""
+    folder = tmp_path_factory.mktemp("deployment") / "tiny"
+    run_command([str(BIN / "snakedeploy"), "deploy-workflow", str(workflow_copy), str(folder),
+                 "--branch", "main"], folder.parent)
+    snakefile = folder / "workflow" / "Snakefile"
+    deployed = snakefile.read_text()
+    # From a local path snakedeploy writes the module's snakefile relative to the repository,
+    # which Snakemake reads relative to the deployed Snakefile; the README says to make it
+    # the clone's own path (from a hosting URL it writes github(...)).
+    snakefile.write_text(deployed.replace('"workflow/Snakefile"',
+                                          f'"{workflow_copy / "workflow" / "Snakefile"}"'))
+    shutil.copy(workflow_copy / ".test" / "config" / "config.yaml",
+                folder / "config" / "config.yaml")
+    shutil.copytree(workflow_copy / ".test" / "data", folder / "data")
+    result = run_command([str(BIN / "snakemake"), "--cores", "2"], folder)
+    return Deployment(folder, folder / "config" / "config.yaml", deployed,
+                      result.stdout + result.stderr)
 
 
 @pytest.fixture(scope="session", autouse=True)
