@@ -369,8 +369,8 @@ def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_
     for table in ("memorization", "per_class"):
         assert (figures / "tables" / f"{table}.md").is_file()
     # a results tree moved elsewhere (no .snakemake metadata; file times kept, as `cp -a`
-    # and rsync -a keep them), two figures deleted, drawn by a fresh clone (every file of the
-    # workflow newer than the results)
+    # and rsync -a keep them), two figures deleted: a fresh clone (every file of the workflow
+    # newer than the results) plans those two and the pages that show them
     clone = tmp_path / "clone"
     for part in ("cellflow", "workflow", "config", "profiles"):
         shutil.copytree(REPO / part, clone / part, symlinks=True, copy_function=shutil.copy,
@@ -383,26 +383,25 @@ def test_figures_are_redrawn_from_a_copied_results_tree_without_retraining(demo_
             (tmp_path / figure.with_suffix(suffix).relative_to(workdir)).unlink()
     command = [str(BIN / "snakemake"), "--snakefile", str(clone / "workflow" / "Snakefile"),
                "--directory", str(tmp_path), "figures", "--cores", "2", "--configfile", str(config)]
-    # ... in the environment of workflow/envs/figures.yaml: none of the compute packages
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    plan = subprocess.run([*command, "-n"], capture_output=True, text=True, timeout=600, env=env)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    planned = job_counts(plan.stdout + plan.stderr)
+    assert set(planned) == {"figure_runtimes", "figure_fourier_stairs", "front_page",
+                            "figures"}, planned
+    # ... and every table and figure job, redrawn there, runs in the environment of
+    # workflow/envs/figures.yaml: none of the compute packages
     blocker = tmp_path / "figures-environment"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(FIGURES_ENVIRONMENT_ONLY)
-    redraw = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                                 "PYTHONPATH": str(blocker)})
-    assert redraw.returncode == 0, redraw.stdout + redraw.stderr
-    ran = job_counts(redraw.stdout + redraw.stderr)
-    assert set(ran) == {"figure_runtimes", "figure_fourier_stairs", "front_page", "figures"}, ran
-    assert (tmp_path / "results" / "synthetic" / "figures" / "fourier_stairs.pdf").is_file()
-    # every table and figure job runs without the compute packages
     light = [*re.findall(r"^rule (figure_\w+|front_page):", (REPO / "workflow" / "rules" /
                                                               "figures.smk").read_text(), re.M),
              "summarize_downstream", "benchmark_table"]
-    again = subprocess.run([*command, "--forcerun", *light], capture_output=True, text=True,
-                           timeout=600, env={**os.environ, "PYTHONPATH": str(blocker),
-                                             "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert set(light) <= set(job_counts(again.stdout + again.stderr))
+    redraw = subprocess.run([*command, "--forcerun", *light], capture_output=True, text=True,
+                            timeout=600, env={**env, "PYTHONPATH": str(blocker)})
+    assert redraw.returncode == 0, redraw.stdout + redraw.stderr
+    assert set(light) <= set(job_counts(redraw.stdout + redraw.stderr))
+    assert (tmp_path / "results" / "synthetic" / "figures" / "fourier_stairs.pdf").is_file()
 
 
 @pytest.mark.slow
