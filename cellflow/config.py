@@ -240,7 +240,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"{where}: {error.message}"
 
 
-def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+def resolve_ref(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``schema`` with its local $ref followed; its own keys (description, default) win."""
     while "$ref" in schema:
         ref = schema["$ref"]
         if not ref.startswith("#/"):
@@ -254,11 +255,11 @@ def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str,
 
 def _fill_defaults(instance: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> None:
     """Insert schema defaults into ``instance`` in place, recursing through objects."""
-    schema = _resolve(schema, root)
+    schema = resolve_ref(schema, root)
     if not isinstance(instance, dict):
         return
     for key, subschema in schema.get("properties", {}).items():
-        subschema = _resolve(subschema, root)
+        subschema = resolve_ref(subschema, root)
         if key not in instance and "default" in subschema:
             instance[key] = copy.deepcopy(subschema["default"])
         if key in instance:
@@ -520,7 +521,7 @@ _JSON_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": 
 
 
 def _allowed_types(schema: Mapping[str, Any], root: Mapping[str, Any]) -> set[str]:
-    schema = _resolve(schema, root)
+    schema = resolve_ref(schema, root)
     kinds = schema.get("type", [])
     types = set(kinds if isinstance(kinds, list) else [kinds])
     for choice in ("oneOf", "anyOf"):
@@ -532,7 +533,7 @@ def _allowed_types(schema: Mapping[str, Any], root: Mapping[str, Any]) -> set[st
 
 
 def _typed(value: Any, schema: Mapping[str, Any], root: Mapping[str, Any]) -> Any:
-    schema = _resolve(schema, root)
+    schema = resolve_ref(schema, root)
     if isinstance(value, dict):
         extra = schema.get("additionalProperties")
         return {key: _typed(item, schema.get("properties", {}).get(

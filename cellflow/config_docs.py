@@ -14,20 +14,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from cellflow.config import load_schema
+from cellflow.config import load_schema, resolve_ref
 
 BEGIN = "<!-- key reference: made by `python -m cellflow.config_docs`; do not edit by hand -->"
 END = "<!-- end of the key reference -->"
 README = Path(__file__).resolve().parents[1] / "config" / "README.md"
-
-
-def _resolved(node: Mapping[str, Any], root: Mapping[str, Any]) -> dict[str, Any]:
-    """``node`` with its $ref followed; the node's own keys (description, default) win."""
-    node = dict(node)
-    while "$ref" in node:
-        target = root["$defs"][node.pop("$ref").rsplit("/", 1)[1]]
-        node = {**target, **node}
-    return node
 
 
 def _type(node: Mapping[str, Any], root: Mapping[str, Any]) -> str:
@@ -37,11 +28,11 @@ def _type(node: Mapping[str, Any], root: Mapping[str, Any]) -> str:
         return json.dumps(node["const"])
     for choice in ("oneOf", "anyOf"):
         if choice in node:
-            return " or ".join(_type(_resolved(branch, root), root) for branch in node[choice])
+            return " or ".join(_type(resolve_ref(branch, root), root) for branch in node[choice])
     kind = node.get("type", "object" if "properties" in node else "any")
     kinds = kind if isinstance(kind, list) else [kind]
     if "array" in kinds and "items" in node:
-        items = _resolved(node["items"], root)
+        items = resolve_ref(node["items"], root)
         kinds = [f"list of {_type(items, root)}" if k == "array" else k for k in kinds]
     return " or ".join(kinds)
 
@@ -60,10 +51,10 @@ def _description(node: Mapping[str, Any]) -> str:
 def key_rows(node: Mapping[str, Any], root: Mapping[str, Any], prefix: str = ""
              ) -> Iterator[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) of every key under ``node``, depth first."""
-    node = _resolved(node, root)
+    node = resolve_ref(node, root)
     for name, child in node.get("properties", {}).items():
         key = f"{prefix}{name}"
-        resolved = _resolved(child, root)
+        resolved = resolve_ref(child, root)
         yield key, _type(resolved, root), _default(resolved), _description(resolved)
         yield from _children(resolved, root, key)
     # the reader options of each dataset kind, chosen by `kind` (if/then in the schema)
@@ -79,11 +70,11 @@ def _children(node: Mapping[str, Any], root: Mapping[str, Any], key: str
     if "properties" in node or "allOf" in node:
         yield from key_rows(node, root, f"{key}.")
     elif isinstance(node.get("additionalProperties"), Mapping):
-        value = _resolved(node["additionalProperties"], root)
+        value = resolve_ref(node["additionalProperties"], root)
         if "properties" in value or "allOf" in value:
             yield from key_rows(value, root, f"{key}.<name>.")
     elif node.get("type") == "array" and "items" in node:
-        items = _resolved(node["items"], root)
+        items = resolve_ref(node["items"], root)
         if "properties" in items:
             yield from key_rows(items, root, f"{key}[].")
 

@@ -27,10 +27,10 @@ import yaml
 
 from cellflow.config import (
     DatasetConfig,
-    _resolve,
     load_configs,
     load_schema,
     merged_config,
+    resolve_ref,
     validate_config,
 )
 from cellflow.datasets import KINDS as DATASET_KINDS
@@ -65,13 +65,16 @@ UNSUPPORTED_KINDS = {
 # BreastPathQ's cellularity bins have no names in the download; these are the README's for
 # the default bin edges {0}, (0, 0.3], (0.3, 0.7], (0.7, 1].
 BREASTPATHQ_BINS = ("none", "low", "medium", "high")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-CLASS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 LINE = 96  # the width comments are wrapped to
 
 
 class ScaffoldError(ValueError):
     """A config that cannot be written; the message names the folder, file or option."""
+
+
+def _name_rule(definition: str) -> re.Pattern[str]:
+    """A naming rule of the config schema (``$defs.<definition>.pattern``)."""
+    return re.compile(load_schema()["$defs"][definition]["pattern"])
 
 
 def repository_root() -> Path:
@@ -156,7 +159,8 @@ def folder_draft(root: Path) -> DatasetDraft:
         raise ScaffoldError(
             f"{where}: only one class folder with images ({classes[0]}/); a dataset needs at "
             f"least two classes ({layout_help})")
-    bad = [name for name in classes if not CLASS_NAME.match(name)]
+    class_name = _name_rule("class_name")
+    bad = [name for name in classes if not class_name.match(name)]
     if bad:
         raise ScaffoldError(
             f"{where}: class folder name(s) {', '.join(map(repr, bad))} cannot be class names "
@@ -191,7 +195,7 @@ def _kind_options_schema(kind: str) -> Mapping[str, Any]:
         options = branch.get("then", {}).get("properties", {}).get("options")
         if options and jsonschema.Draft202012Validator(
                 {**branch["if"], "$defs": defs}).is_valid({"kind": kind}):
-            return _resolve(options, schema)
+            return resolve_ref(options, schema)
     return {}
 
 
@@ -295,7 +299,7 @@ class Scaffold:
 def new_dataset_config(name: str, root: str | Path, kind: str = "folder", preset: str = "demo",
                        resolution: int | None = None, command: str = "") -> Scaffold:
     """The complete config of one dataset, validated, and its commented YAML text."""
-    if not NAME.match(name) or name == "benchmarks":
+    if not _name_rule("name").match(name) or name == "benchmarks":
         raise ScaffoldError(
             f"{name!r}: a dataset name is letters, digits, '_' and '-', starting with a letter "
             "or digit (it names results/<name>/), and not 'benchmarks'")
@@ -494,13 +498,13 @@ def _properties(instance: Mapping[str, Any], node: Mapping[str, Any],
                 root: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """The schemas of ``instance``'s keys, in the schema's order: the node's properties and
     those of the conditional parts that apply to it (a dataset kind's options)."""
-    properties = {key: _resolve(sub, root) for key, sub in node.get("properties", {}).items()}
+    properties = {key: resolve_ref(sub, root) for key, sub in node.get("properties", {}).items()}
     for branch in node.get("allOf", []):
         then = branch.get("then", {})
         if then.get("properties") and jsonschema.Draft202012Validator(
                 {**branch["if"], "$defs": root.get("$defs", {})}).is_valid(instance):
             for key, sub in then["properties"].items():
-                properties[key] = {**properties.get(key, {}), **_resolve(sub, root)}
+                properties[key] = {**properties.get(key, {}), **resolve_ref(sub, root)}
     return properties
 
 
@@ -508,12 +512,12 @@ def _subschema(key: str, properties: Mapping[str, Any], node: Mapping[str, Any],
                root: Mapping[str, Any]) -> Mapping[str, Any] | None:
     extra = node.get("additionalProperties")
     sub = properties.get(key, extra if isinstance(extra, Mapping) else None)
-    return None if sub is None else _resolve(sub, root)
+    return None if sub is None else resolve_ref(sub, root)
 
 
 def _describe(instance: Any, node: Mapping[str, Any], path: tuple[str, ...],
               root: Mapping[str, Any], found: dict[tuple[str, ...], str]) -> None:
-    node = _resolve(node, root)
+    node = resolve_ref(node, root)
     if not isinstance(instance, Mapping):
         return
     properties = _properties(instance, node, root)
@@ -536,7 +540,7 @@ def schema_ordered(config: Mapping[str, Any]) -> dict[str, Any]:
 def _ordered(instance: Any, node: Mapping[str, Any] | None, root: Mapping[str, Any]) -> Any:
     if not isinstance(instance, Mapping):
         return instance
-    node = _resolve(node, root) if node is not None else {}
+    node = resolve_ref(node, root) if node is not None else {}
     properties = _properties(instance, node, root)
     keys = [key for key in properties if key in instance]
     keys += [key for key in instance if key not in properties]
