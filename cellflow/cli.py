@@ -795,8 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         from cellflow.logs import job_summary
 
         name = f"{args.command} {positional}" + (f" shard {shard}" if shard is not None else "")
-        # a shard's part of the work lies in its work folder, until the gather takes it
-        written = outputs if shard is None else [Path(args.work)] if args.work else []
+        # a shard's output is its record (the batches it names lie in the shared work folder)
+        written = outputs if shard is None else [Path(args.out)]
         summary = job_summary(name, written, time.perf_counter() - started)
         logging.getLogger("cellflow").info(summary)
         print(summary, file=sys.__stdout__, flush=True)  # the terminal, not the log

@@ -139,9 +139,9 @@ class BatchStore:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.progress = None
         if total is not None:
-            own = (range(self.sharding.index, total, self.sharding.count)
-                   if self.sharding.is_shard else range(total))
-            self.progress = tqdm(total=len(own), desc=desc, unit="batch")
+            own = sum(1 for position in range(total) if not self.sharding.is_shard
+                      or self.sharding.owner(position) == self.sharding.index)
+            self.progress = tqdm(total=own, desc=desc, unit="batch")
 
     def _advance(self, name: str) -> None:
         if self.progress is not None:
